@@ -1,0 +1,233 @@
+"""One entry point for every fine-tuning method of the thesis: :func:`adapt`.
+
+PEFT methods (ConvAdapter, LoRA, SSF, BitFit) and the selective baselines (full, decoder-only, head-only/linear
+probing, norm-layer tuning) all come back as a ``peft.PeftModel``, so saving, loading, named adapters, disabling and
+(where the maths allows) merging work the same way for all of them. The selective baselines use peft's own
+``LNTuningConfig``, which keeps a trainable copy of each selected module per adapter name: the adapter file of
+"decoder-only" holds the decoder, and one frozen backbone serves many of them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+from monai.networks.blocks import ResidualUnit
+from monai.networks.blocks.segresnet_block import ResBlock
+from peft import LNTuningConfig, PeftModel, get_peft_model
+from torch import nn
+
+from monai_peft.lora import init_lora_pca_, lora_config
+from monai_peft.regions import _unwrap, regions_of
+from monai_peft.targeting import (
+    CONV_TYPES, NORM_TYPES, SPATIAL_CONV, ModuleType, Selector, SelectorLike, as_selector, exact_names_regex,
+    resolve_targets,
+)
+from monai_peft.tuners.conv_adapter import ConvAdapterConfig
+from monai_peft.tuners.ssf import SSFConfig
+from monai_peft.tuners.ssf.layer import SUPPORTED_TYPES as SSF_TYPES
+
+__all__ = ["METHODS", "adapt", "default_targets", "RESIDUAL_BLOCK_TYPES", "register_residual_block"]
+
+METHODS = ("convadapter", "lora", "ssf", "bitfit", "norm", "full", "decoder", "head")
+
+# Blocks that the residual-parallel ConvAdapter scheme wraps by default (thesis Table 5.3 "ResBlock parallel").
+RESIDUAL_BLOCK_TYPES: list[type[nn.Module]] = [ResBlock, ResidualUnit]
+
+
+def register_residual_block(block_cls: type[nn.Module]) -> None:
+    """Add a block class to the default ConvAdapter targets (e.g. nnU-Net's ``BasicBlockD``)."""
+    if block_cls not in RESIDUAL_BLOCK_TYPES:
+        RESIDUAL_BLOCK_TYPES.append(block_cls)
+
+
+class _AnyOf(Selector):
+    """Matches everything when ``regions`` is empty, else modules inside any of the regions."""
+
+    def __init__(self, regions: tuple[str, ...]) -> None:
+        self.regions = regions
+
+    def matches(self, model, name, module) -> bool:
+        from monai_peft.regions import module_in_region
+
+        return not self.regions or any(module_in_region(model, name, r) for r in self.regions)
+
+    def __repr__(self) -> str:
+        return " | ".join(f"Region({r!r})" for r in self.regions) or "everything"
+
+
+class _HasBias(Selector):
+    def matches(self, model, name, module) -> bool:
+        return isinstance(getattr(module, "bias", None), nn.Parameter)
+
+    def __repr__(self) -> str:
+        return "HasBias()"
+
+
+def _backbone(model: nn.Module) -> Selector:
+    declared = regions_of(model)
+    return _AnyOf(tuple(r for r in ("encoder", "decoder") if r in declared))
+
+
+def default_targets(model: nn.Module, method: str) -> Selector:
+    """The selector :func:`adapt` uses when ``target`` is not given.
+
+    - ``convadapter``: residual blocks (:data:`RESIDUAL_BLOCK_TYPES`) in encoder + decoder (thesis Table 5.3,
+      best SegResNet placement); spatial (k > 1) convs there if the network has no such blocks (thesis Table 5.4,
+      UNet "LUConvs parallel"); modules whose channels ``gamma`` does not divide (a 1-channel input conv) are skipped;
+    - ``lora``: spatial convs in encoder + decoder (1x1 convs excluded, see :mod:`monai_peft.lora`);
+    - ``ssf``: convs, norms and linear layers in encoder + decoder;
+    - ``bitfit``: every conv/norm/linear layer that has a bias, anywhere;
+    - ``norm``: every norm layer; ``head``: the head region; ``decoder``: decoder + head; ``full``: everything.
+
+    "Encoder + decoder" is the whole network when the architecture declares no regions.
+    """
+    model = _unwrap(model)
+    if method == "convadapter":
+        blocks = _backbone(model) & ModuleType(*RESIDUAL_BLOCK_TYPES)
+        try:
+            resolve_targets(model, blocks)
+            return blocks
+        except ValueError:
+            return _backbone(model) & SPATIAL_CONV
+    if method == "lora":
+        return _backbone(model) & SPATIAL_CONV
+    if method == "ssf":
+        return _backbone(model) & ModuleType(*CONV_TYPES, *NORM_TYPES, nn.Linear)
+    if method == "bitfit":
+        return ModuleType(*SSF_TYPES) & _HasBias()
+    if method == "norm":
+        return ModuleType(*NORM_TYPES)
+    if method == "head":
+        return as_selector("head")
+    if method == "decoder":
+        return as_selector("decoder") | as_selector("head")
+    if method == "full":
+        return _TopLevelWithParams()
+    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
+
+
+class _TopLevelWithParams(Selector):
+    def matches(self, model, name, module) -> bool:
+        return "." not in name and any(True for _ in module.parameters())
+
+    def __repr__(self) -> str:
+        return "TopLevelModules()"
+
+
+def _expand_containers(model: nn.Module, names: list[str]) -> list[str]:
+    """Replace ``ModuleList``/``ModuleDict`` names by their children: networks iterate or index those containers, which
+    a wrapping tuner layer would break (SegResNet does ``for down in self.down_layers``)."""
+    modules = dict(model.named_modules())
+    out: list[str] = []
+    for name in names:
+        m = modules[name]
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            out.extend(_expand_containers(model, [f"{name}.{child}" for child, _ in m.named_children()]))
+        elif any(True for _ in m.parameters()):
+            out.append(name)
+    return out
+
+
+def _divisible_by_gamma(model: nn.Module, names: list[str], kwargs: dict) -> list[str]:
+    """Default ConvAdapter targets whose channels the compression factor divides (e.g. not a 1-channel input conv)."""
+    from monai_peft.tuners.conv_adapter.layer import block_geometry, conv_geometry
+
+    gamma = int(kwargs.get("gamma", ConvAdapterConfig.gamma))
+    parallel = kwargs.get("insertion", ConvAdapterConfig.insertion) == "parallel"
+    modules = dict(model.named_modules())
+    kept = []
+    for name in names:
+        m = modules[name]
+        g = conv_geometry(m) if isinstance(m, CONV_TYPES) else block_geometry(m)
+        if (g.in_channels if parallel else g.out_channels) % gamma == 0:
+            kept.append(name)
+    if not kept:
+        raise ValueError(f"no default ConvAdapter target of {type(model).__name__} has channels divisible by gamma={gamma}.")
+    return kept
+
+
+def adapt(
+    model: nn.Module,
+    method: str,
+    *,
+    target: Optional[SelectorLike] = None,
+    train_fully: Optional[SelectorLike] = None,
+    adapter_name: str = "default",
+    low_cpu_mem_usage: bool = False,
+    **method_kwargs: Any,
+) -> PeftModel:
+    """Wrap ``model`` for fine-tuning with ``method``; the backbone is frozen, the adapter trains.
+
+    Args:
+        model: a network (``nn.Module``) or a ``PeftModel`` to which a further named adapter is added.
+        method: one of ``convadapter``, ``lora``, ``ssf``, ``bitfit``, ``norm``, ``full``, ``decoder``, ``head``.
+        target: what to adapt: a :class:`~monai_peft.Selector`, region name, regex or list of module names;
+            ``None`` uses :func:`default_targets`.
+        train_fully: modules that train fully besides the adapters, e.g. ``"head"`` when the head was rebuilt for a
+            new class count, or ``"decoder"`` for thesis "encoder adapters + full decoder"; saved with the adapter
+            (peft ``modules_to_save``).
+        adapter_name: the peft adapter name.
+        low_cpu_mem_usage: create adapter weights on the meta device (for loading saved adapters fast).
+        method_kwargs: method options: ConvAdapter ``gamma``, ``insertion``, ``adapter_conv``, ``kernel_size``,
+            ``activation``; LoRA ``r`` (int or ``"dynamic"``), ``lora_alpha``, ``lora_dropout``, ``init_pca``;
+            SSF ``scale``, ``shift``.
+
+    Returns:
+        a ``peft.PeftModel`` (``print_trainable_parameters()``, ``save_pretrained()``, ``merge_and_unload()`` for
+        LoRA/SSF/BitFit, ...).
+
+    Raises:
+        ValueError: unknown method, a target or ``train_fully`` that matches nothing, or bad method options (the
+            message names the module or argument).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
+    base = _unwrap(model)
+    selector = default_targets(base, method) if target is None else as_selector(target)
+    whole_modules = method in ("norm", "full", "decoder", "head")
+    targets = resolve_targets(base, selector, outermost=whole_modules)
+    if whole_modules:
+        targets = _expand_containers(base, targets)
+    to_save = resolve_targets(base, train_fully, outermost=True) if train_fully is not None else None
+    if to_save:
+        overlap = [t for t in to_save if any(t == x or x.startswith(t + ".") or t.startswith(x + ".") for x in targets)]
+        if overlap and not whole_modules:
+            raise ValueError(f"train_fully overlaps the {method} targets at {overlap}; a module is either adapted or trained fully.")
+        if whole_modules:  # selective baselines: fully trained modules are simply more targets
+            targets = sorted(set(targets) | set(to_save))
+            targets = _expand_containers(base, [t for t in targets if not any(t.startswith(o + ".") for o in targets if o != t)])
+            to_save = None
+
+    init_pca = bool(method_kwargs.pop("init_pca", False))
+    if method == "convadapter" and target is None:
+        targets = _divisible_by_gamma(base, targets, method_kwargs)
+    if method == "convadapter":
+        config = ConvAdapterConfig(target_modules=exact_names_regex(targets), modules_to_save=to_save, **method_kwargs)
+    elif method == "lora":
+        if init_pca and method_kwargs.get("init_lora_weights", True) is not True:
+            raise ValueError("init_pca=True replaces init_lora_weights; do not pass both.")
+        config = lora_config(base, targets, modules_to_save=to_save, **method_kwargs)
+    elif method in ("ssf", "bitfit"):
+        if method == "bitfit":
+            method_kwargs = {"scale": False, "shift": True, **method_kwargs}
+        config = SSFConfig(target_modules=exact_names_regex(targets), modules_to_save=to_save, **method_kwargs)
+    else:
+        if method_kwargs:
+            raise ValueError(f"method {method!r} takes no options, got {sorted(method_kwargs)}.")
+        config = LNTuningConfig(target_modules=exact_names_regex(targets), modules_to_save=to_save)
+    if init_pca and method != "lora":
+        raise ValueError("init_pca applies to method='lora' only.")
+
+    with warnings.catch_warnings():
+        # peft's LN tuning warns "Unsupported layer type" for any module that is not a Linear/Conv/Embedding,
+        # although copying a whole module is exactly what the selective baselines want.
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        if isinstance(model, PeftModel):
+            model.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+            peft_model = model
+        else:
+            peft_model = get_peft_model(model, config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    if init_pca:
+        init_lora_pca_(peft_model, adapter_name)
+    return peft_model
