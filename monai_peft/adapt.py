@@ -165,8 +165,9 @@ def adapt(
         target: what to adapt: a :class:`~monai_peft.Selector`, region name, regex or list of module names;
             ``None`` uses :func:`default_targets`.
         train_fully: modules that train fully besides the adapters, e.g. ``"head"`` when the head was rebuilt for a
-            new class count, or ``"decoder"`` for thesis "encoder adapters + full decoder"; saved with the adapter
-            (peft ``modules_to_save``).
+            new class count, or ``"decoder"`` for thesis "encoder adapters + full decoder" (Tables 5.1-5.3); saved
+            with the adapter (peft ``modules_to_save``). With ``target=None`` the default targets inside these
+            modules are left out; an explicit ``target`` that overlaps them is an error.
         adapter_name: the peft adapter name.
         low_cpu_mem_usage: create adapter weights on the meta device (for loading saved adapters fast).
         method_kwargs: method options: ConvAdapter ``gamma``, ``insertion``, ``adapter_conv``, ``kernel_size``,
@@ -189,9 +190,18 @@ def adapt(
     targets = resolve_targets(base, selector, outermost=whole_modules)
     if whole_modules:
         targets = _expand_containers(base, targets)
-    to_save = resolve_targets(base, train_fully, outermost=True) if train_fully is not None else None
+    to_save = None
+    if train_fully is not None:
+        to_save = _expand_containers(base, resolve_targets(base, train_fully, outermost=True))
     if to_save:
-        overlap = [t for t in to_save if any(t == x or x.startswith(t + ".") or t.startswith(x + ".") for x in targets)]
+        def overlaps(t: str, x: str) -> bool:
+            return t == x or x.startswith(t + ".") or t.startswith(x + ".")
+
+        if target is None and not whole_modules:  # default targets: adapt what does not train fully
+            targets = [x for x in targets if not any(overlaps(t, x) for t in to_save)]
+            if not targets:
+                raise ValueError(f"train_fully={train_fully!r} covers every default {method} target; nothing to adapt.")
+        overlap = [t for t in to_save if any(overlaps(t, x) for x in targets)]
         if overlap and not whole_modules:
             raise ValueError(f"train_fully overlaps the {method} targets at {overlap}; a module is either adapted or trained fully.")
         if whole_modules:  # selective baselines: fully trained modules are simply more targets
