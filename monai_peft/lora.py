@@ -65,6 +65,20 @@ def lora_config(
                       modules_to_save=modules_to_save, **lora_kwargs)
 
 
+def _top_right_singular_vectors(m: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-``k`` right singular vectors of ``m`` (rows of the result), via the eigen-decomposition of the small
+    ``(rows x rows)`` Gram matrix when ``m`` is wide (a 3D conv's ``C_in * 27`` columns), else a thin SVD."""
+    rows, cols = m.shape
+    if rows >= cols:
+        return torch.linalg.svd(m, full_matrices=False)[2][:k]
+    evals, evecs = torch.linalg.eigh(m.double() @ m.double().T)  # ascending
+    order = torch.argsort(evals, descending=True)[: min(k, rows)]
+    sing = evals[order].clamp_min(0).sqrt()
+    keep = sing > sing.max().clamp_min(1e-30) * 1e-10  # drop null directions (centring removes one)
+    v = (m.double().T @ evecs[:, order[keep]]) / sing[keep]
+    return v.T.to(m.dtype)
+
+
 @torch.no_grad()
 def init_lora_pca_(peft_model: nn.Module, adapter_name: str = "default") -> int:
     """Initialise every LoRA ``A`` of ``adapter_name`` from PCA components of its pretrained weight (in place).
@@ -85,8 +99,8 @@ def init_lora_pca_(peft_model: nn.Module, adapter_name: str = "default") -> int:
         weight = module.get_base_layer().weight.detach().float()
         flat = weight.reshape(weight.shape[0], -1)  # (C_out, C_in * prod(k)): filters are the samples
         centred = flat - flat.mean(dim=0, keepdim=True)
-        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
         rank = lora_a.weight.shape[0]
+        vh = _top_right_singular_vectors(centred, rank)
         a = torch.empty(rank, flat.shape[1])
         n = min(rank, vh.shape[0])
         a[:n] = vh[:n]
