@@ -97,6 +97,13 @@ def _register_builtin() -> None:
         BasicUNet,
         {"encoder": [r"conv_0", r"down_\d+"], "decoder": [r"upcat_\d+"], "head": [r"final_conv"]},
     )
+    # nnU-Net's PlainConvUNet / ResidualEncoderUNet: declared by the plugin shipped in this distribution, so that
+    # adapt() works on them directly too, not only inside the plugin's trainers.
+    try:
+        from nnunet_plugin.network import register_nnunet_regions
+    except ImportError:  # dynamic_network_architectures not installed
+        return
+    register_nnunet_regions()
 
 
 _register_builtin()
