@@ -110,7 +110,7 @@ def test_two_named_adapters_switch_disable_delete(net):
 @pytest.mark.parametrize("key", ["lora", "lora-dynamic-pca", "ssf", "bitfit"])
 def test_merge_and_unload_gives_a_plain_equal_network(net, key):
     model, x = make(net)
-    pm = _adapt(model, key)
+    pm = _adapt(model, key, train_fully="head")  # a fully trained head (modules_to_save) merges back too
     _randomise_trainable(pm)
     pm.eval()
     with torch.no_grad():
@@ -120,6 +120,7 @@ def test_merge_and_unload_gives_a_plain_equal_network(net, key):
         merged = pm.merge_and_unload()
     assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
     assert type(merged).__name__ == type(model).__name__
+    assert not any("modules_to_save" in n or "original_module" in n for n, _ in merged.named_modules())
     with torch.no_grad():
         out = merged(x)
     rel = ((out - adapted).norm() / adapted.norm()).item()
@@ -140,17 +141,23 @@ def test_ssf_merge_into_bias_free_conv_warns_and_adds_bias():
         assert torch.allclose(merged(x), adapted, atol=1e-5)
 
 
-def test_convadapter_cannot_merge_but_unloads():
-    model, x = make("cnn2d")
-    with torch.no_grad():
-        ref = model(x)
-    pm = monai_peft.adapt(model, "convadapter")
+@pytest.mark.parametrize("net", ["cnn2d", "segresnet"])
+def test_convadapter_cannot_merge_but_unloads(net):
+    model, x = make(net)
+    pm = monai_peft.adapt(model, "convadapter", train_fully="head")  # SegResNet: adapters wrap whole ResBlocks
     _randomise_trainable(pm)
     with pytest.raises(ValueError, match="cannot be merged"):
         pm.merge_and_unload()
+    with torch.no_grad():  # the network without adapter branches but with the trained head
+        for n, p in pm.named_parameters():
+            if "conv_adapter_up" in n:
+                p.zero_()
+        expected = pm(x)
     base = pm.unload()
+    assert not any(isinstance(m, BaseTunerLayer) for m in base.modules())
+    assert type(base).__name__ == type(model).__name__
     with torch.no_grad():
-        assert torch.allclose(base(x), ref, atol=1e-6)
+        assert torch.allclose(base(x), expected, atol=1e-6)
 
 
 LOADER = r"""

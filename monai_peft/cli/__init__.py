@@ -20,11 +20,14 @@ from collections.abc import Sequence
 # command name -> module under monai_peft.cli; one place lists every command.
 SUBCOMMANDS: dict[str, str] = {
     "report": "monai_peft.cli.report",
+    "nnunet-rebuild": "monai_peft.cli.nnunet_rebuild",
+    "totalseg-to-nnunet": "monai_peft.cli.totalseg_to_nnunet",
     "gradcam": "monai_peft.cli.gradcam",
     "protoseg": "monai_peft.cli.protoseg",
     "pareto": "monai_peft.cli.pareto",
     "presets": "monai_peft.cli.presets",
     "demo": "monai_peft.cli.demo",
+    "echo": "monai_peft.cli.echo",
 }
 
 

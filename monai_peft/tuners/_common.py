@@ -31,6 +31,24 @@ class NonWeightBaseLayerMixin:
         return device, dtype
 
 
+class ReplaceModuleMixin:
+    """``BaseTuner._replace_module`` copies ``child.weight`` onto any replacement that has no ``base_layer``, which
+    fails when unloading a wrapped block or a ``modules_to_save`` copy of a ``Sequential`` head (neither has a
+    ``weight``). Like peft's LoRA, replace the module and only move new adapter weights to the base layer's device."""
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        setattr(parent, child_name, new_module)
+        if hasattr(child, "base_layer"):
+            child = child.base_layer
+        device, _ = first_tensor_device_and_dtype(child)
+        if device is None:
+            return
+        meta = torch.device("meta")
+        for name, module in new_module.named_modules():
+            if self.prefix in name and not any(p.device == meta for p in module.parameters()):
+                module.to(device)
+
+
 class StrictLoadMixin:
     """Loading an adapter file whose keys do not match the model's adapter parameters is an error naming the keys.
 

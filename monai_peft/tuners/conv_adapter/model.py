@@ -6,7 +6,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from monai_peft.targeting import CONV_TYPES
-from monai_peft.tuners._common import StrictLoadMixin
+from monai_peft.tuners._common import ReplaceModuleMixin, StrictLoadMixin
 
 from .config import ConvAdapterConfig
 from .layer import ConvAdapterLayer, ConvAdapterModule
@@ -14,7 +14,7 @@ from .layer import ConvAdapterLayer, ConvAdapterModule
 _UNSUPPORTED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear, nn.Embedding)
 
 
-class ConvAdapterModel(StrictLoadMixin, BaseTuner):
+class ConvAdapterModel(ReplaceModuleMixin, StrictLoadMixin, BaseTuner):
     """Wraps the targeted convs / residual blocks of a CNN with ConvAdapters.
 
     Use through peft: ``peft.get_peft_model(model, ConvAdapterConfig(target_modules=[...]))``.

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from peft.tuners.tuners_utils import BaseTuner
 
-from monai_peft.tuners._common import StrictLoadMixin
+from monai_peft.tuners._common import ReplaceModuleMixin, StrictLoadMixin
 
 from .config import SSFConfig
 from .layer import SUPPORTED_TYPES, SSFLayer, SSFModule
 
 
-class SSFModel(StrictLoadMixin, BaseTuner):
+class SSFModel(ReplaceModuleMixin, StrictLoadMixin, BaseTuner):
     """Use through peft: ``peft.get_peft_model(model, SSFConfig(target_modules=[...]))``; thesis 001, 3.2.3."""
 
     prefix: str = "ssf_"

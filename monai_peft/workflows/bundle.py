@@ -1,0 +1,233 @@
+"""Functions the MONAI bundles in ``bundles/`` call from their JSON configs.
+
+They check what a user passes on the command line (``--dataset_dir``, ``--classes``, ``--peft#preset``) and
+fail with a message that names the override, before ignite starts; they build datalists from a
+TotalSegmentator folder; and they export a merged plain network for ``ckpt_export``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monai_peft.handlers.adapter_checkpoint import INFO_FILE, load_adapter_folder, unwrap_network
+from monai_peft.workflows.records import atomic_write_json
+
+__all__ = [
+    "check_dataset_dir",
+    "bundle_datalist",
+    "image_list",
+    "run_info",
+    "export_merged",
+    "MERGEABLE_METHODS",
+]
+
+logger = logging.getLogger(__name__)
+
+# methods whose adapters fold into the base weights (peft merge_and_unload); ConvAdapter keeps a side branch
+MERGEABLE_METHODS = ("lora", "ssf", "bitfit", "full", "decoder", "head", "norm")
+_SPLITS = ("train", "val", "test")
+
+
+def check_dataset_dir(dataset_dir: str | Path | None, classes: str | Sequence[str] = "organs",
+                      need_labels: bool = True, modality: str = "auto") -> list[Path]:
+    """Check a TotalSegmentator folder and return its case folders.
+
+    Args:
+        dataset_dir: the ``--dataset_dir`` override: case folders ``sXXXX/`` with ``ct.nii.gz`` (or
+            ``mri.nii.gz``) and ``segmentations/<structure>.nii.gz``.
+        classes: the ``--classes`` override (class group name or list of structure names).
+        need_labels: require label files (training, evaluation); inference does not.
+        modality: ``"ct"``, ``"mr"`` or ``"auto"``.
+
+    Raises:
+        FileNotFoundError: the folder does not exist, holds no case, or (``need_labels``) a case has none of
+            the label files of ``classes``; the message names the override and the expected files.
+    """
+    from monai_peft.data import class_group
+    from monai_peft.data.totalseg import list_cases
+
+    if dataset_dir is None or str(dataset_dir).strip() == "":
+        raise FileNotFoundError("--dataset_dir is not set: point it at a TotalSegmentator folder (sXXXX/ct.nii.gz, "
+                                "sXXXX/segmentations/*.nii.gz).")
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--dataset_dir {root} does not exist (expected a TotalSegmentator folder with "
+                                "case folders sXXXX/ct.nii.gz and sXXXX/segmentations/*.nii.gz).")
+    try:
+        cases = list_cases(root, modality)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--dataset_dir {root} holds no TotalSegmentator case folder ({e}).") from None
+    if need_labels:
+        names = class_group(classes)
+        for case in cases:
+            seg = case / "segmentations"
+            if not any((seg / f"{n}.nii.gz").is_file() for n in names):
+                raise FileNotFoundError(
+                    f"--dataset_dir {root}: case {case.name} has no label files for --classes {classes!r}: expected "
+                    f"{seg}/<structure>.nii.gz for structures such as {names[:3]}."
+                )
+    return cases
+
+
+def bundle_datalist(
+    dataset_dir: str | Path,
+    classes: str | Sequence[str] = "organs",
+    split: str = "train",
+    cache_dir: str | Path | None = None,
+    modality: str = "auto",
+    fractions: Sequence[float] = (0.7, 0.2, 0.1),
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Datalist of one split of a TotalSegmentator folder, with merged label maps cached on disk.
+
+    The split comes from ``meta.csv``'s ``split`` column when every split is non-empty there, else from a
+    seeded random 70/20/10 split (thesis 4.2.2.1).
+
+    Args:
+        dataset_dir: the ``--dataset_dir`` folder.
+        classes: the ``--classes`` override.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        cache_dir: where merged label maps go (default ``<dataset_dir>/.monai_peft_labels``).
+        modality: ``"ct"``, ``"mr"`` or ``"auto"``.
+        fractions: random-split fractions when ``meta.csv`` has no usable split.
+        seed: random-split seed.
+
+    Returns:
+        ``[{"image": ..., "label": ..., "case_id": ...}, ...]``.
+    """
+    from monai_peft.data import meta_split, random_split, totalseg_datalist
+
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}.")
+    cases = check_dataset_dir(dataset_dir, classes, need_labels=True, modality=modality)
+    items = totalseg_datalist(dataset_dir, classes, cache_dir=cache_dir, modality=modality,
+                              case_ids=[c.name for c in cases], progress=False)
+    splits = None
+    if (Path(dataset_dir) / "meta.csv").is_file():
+        try:
+            splits = meta_split(items, dataset_dir)
+        except (KeyError, ValueError) as e:
+            logger.warning(f"{dataset_dir}/meta.csv gives no split ({e}); using a random split")
+        if splits is not None and not all(splits[k] for k in _SPLITS):
+            splits = None
+    if splits is None:
+        splits = random_split(items, fractions, seed)
+    if not splits[split]:
+        raise ValueError(f"--dataset_dir {dataset_dir}: the {split!r} split is empty ({len(items)} cases in all).")
+    return splits[split]
+
+
+def image_list(dataset_dir: str | Path, split: str | None = "test", modality: str = "auto") -> list[dict[str, str]]:
+    """Images to predict: one split of a TotalSegmentator folder, or every case when ``split`` is None.
+
+    Needs no label files. The split comes from ``meta.csv`` when it has one, else all cases are used.
+    """
+    from monai_peft.data import meta_split
+    from monai_peft.data.totalseg import image_file
+
+    cases = check_dataset_dir(dataset_dir, need_labels=False, modality=modality)
+    items = [{"image": str(image_file(c, modality)), "case_id": c.name} for c in cases]
+    if split is not None and (Path(dataset_dir) / "meta.csv").is_file():
+        try:
+            chosen = meta_split(items, dataset_dir)[split]
+            if chosen:
+                return chosen
+        except (KeyError, ValueError) as e:
+            logger.warning(f"{dataset_dir}/meta.csv gives no split ({e}); predicting every case")
+    return items
+
+
+def run_info(preset: str, classes: str | Sequence[str]) -> dict[str, Any]:
+    """Run-record facts of a preset: ``preset``, ``method``, ``placement``, ``backbone``, ``classes``.
+
+    Raises:
+        KeyError: unknown ``--peft#preset`` (the message lists close names).
+    """
+    from monai_peft.data import class_group
+    from monai_peft.presets import get_preset
+
+    p = get_preset(preset)
+    return {"preset": p.name, "method": p.method, "placement": p.placement, "backbone": p.backbone,
+            "target": p.target, "train_fully": list(p.train_fully), "method_kwargs": dict(p.method_kwargs),
+            "classes": classes if isinstance(classes, str) else list(classes), "class_names": class_group(classes)}
+
+
+def _remove_stale(filepath: Path) -> None:
+    """Delete a merged network left by an earlier run, so ``ckpt_export`` cannot export the wrong weights."""
+    for path in (filepath, filepath.with_suffix(filepath.suffix + ".json")):
+        if path.exists():
+            path.unlink()
+            logger.info(f"export: removed stale {path}")
+
+
+def export_merged(network: torch.nn.Module, adapter_dir: str | Path | None, filepath: str | Path,
+                  method: str | None = None) -> Path | None:
+    """Save a plain network with the adapter folded in, for ``python -m monai.bundle ckpt_export``.
+
+    Loads ``adapter_dir`` (strictly) into a copy of ``network``, merges the adapters (``merge_and_unload``)
+    and writes the plain ``state_dict`` to ``filepath`` atomically, with ``<filepath>.json`` describing it.
+    ConvAdapter (a non-linear side branch) cannot be merged, and peft's merge may fail for other set-ups: then
+    no file is written (a stale one from an earlier run is removed), the adapter folder is what ships, and None
+    is returned. Only rank 0 writes in a distributed run.
+
+    Args:
+        network: the peft model of the run (optionally DDP-wrapped).
+        adapter_dir: adapter folder to export (``.../adapter/best``, falling back to ``.../adapter/last``);
+            ``None`` exports the weights ``network`` holds now.
+        filepath: output ``.pt`` file (``models/model.pt`` by bundle convention).
+        method: the preset's method; read from the peft config when not given.
+
+    Raises:
+        ValueError: merging left adapter tensors behind (the export would not be a plain network).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return None
+    net = copy.deepcopy(unwrap_network(network)).cpu()
+    if method is None:
+        cfg = getattr(net, "peft_config", {}).get(getattr(net, "active_adapter", "default"))
+        method = str(getattr(cfg, "peft_type", "")).split(".")[-1].lower() if cfg is not None else "full"
+        method = {"conv_adapter": "convadapter", "ln_tuning": "full"}.get(method, method)
+    filepath = Path(filepath)
+    if method not in MERGEABLE_METHODS:
+        _remove_stale(filepath)
+        logger.info(f"export: {method} adapters cannot be merged into the backbone; ship the adapter folder")
+        return None
+    if adapter_dir is not None:
+        folder = Path(adapter_dir)
+        if not (folder / INFO_FILE).exists() and (folder.parent / "last" / INFO_FILE).exists():
+            folder = folder.parent / "last"
+        load_adapter_folder(net, folder)
+    try:
+        merged = net.merge_and_unload() if hasattr(net, "merge_and_unload") else net
+    except Exception as e:  # peft raises many types; the run itself succeeded, so report and ship the adapter
+        _remove_stale(filepath)
+        logger.warning(f"export: merging the {method} adapter failed ({type(e).__name__}: {e}); "
+                       "no merged network written, ship the adapter folder")
+        return None
+    state = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
+    leftovers = [k for k in state if any(t in k for t in ("lora_", "ssf_", "conv_adapter_", "base_layer",
+                                                            "modules_to_save", "original_module"))]
+    if leftovers:
+        raise ValueError(f"export: merging {method} left adapter tensors in the network, e.g. {leftovers[:3]}.")
+    filepath.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=filepath.parent, prefix=f".{filepath.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, filepath)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    atomic_write_json(filepath.with_suffix(filepath.suffix + ".json"),
+                      {"method": method, "adapter_dir": str(adapter_dir) if adapter_dir else None,
+                       "n_tensors": len(state), "network": type(merged).__name__})
+    logger.info(f"export: merged {method} network written to {filepath}")
+    return filepath
