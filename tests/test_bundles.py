@@ -24,9 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 SEG = "totalseg_organs_suprem_segresnet_peft"
 UNET = "totalseg_organs_suprem_unet_peft"
-SCHEMA = BUNDLES / "schema" / "meta_schema_20240725.json"
+SCHEMA = BUNDLES / "schema" / "monai_peft_bundle_metadata.schema.json"  # monai-peft's own schema
+ALL_BUNDLES = (SEG, UNET, "echo_segformer_pretrain", "camus_segformer_lora_multitask")
 ROI = "[16,16,16]"
-SCHEMA_MD5 = "76e1add273836515d0bbb3bc71962474"  # of the committed schema copy
 
 
 def _env() -> dict[str, str]:
@@ -225,20 +225,72 @@ def test_segresnet_bundle_ddp_two_processes_on_cpu(world):
     assert json.loads((out / "adapter" / "last" / "checkpoint.json").read_text())["epoch"] == 1
 
 
+@pytest.fixture
+def no_download(monkeypatch):
+    """verify_metadata must read the committed schema: any download attempt fails the test."""
+    import monai.apps.utils as apps_utils
+
+    def _refuse(*args, **kwargs):
+        raise AssertionError(f"verify_metadata tried to download: {args} {kwargs}")
+
+    monkeypatch.setattr(apps_utils, "_download_with_progress", _refuse)
+    monkeypatch.setattr(apps_utils, "urlopen", _refuse)
+
+
 @pytest.mark.parametrize("bundle", [SEG, UNET])
-def test_verify_metadata_offline_and_required_files(bundle):
+def test_verify_metadata_offline_and_required_files(bundle, no_download):
     from monai.bundle import verify_metadata
 
     root = BUNDLES / bundle
     for rel in ("configs/metadata.json", "configs/train.json", "configs/evaluate.json", "configs/inference.json",
                 "configs/multi_gpu_train.json", "configs/logging.conf", "docs/README.md", "LICENSE"):
         assert (root / rel).is_file(), rel
-    # the schema file exists, so nothing is downloaded
-    verify_metadata(meta_file=str(root / "configs" / "metadata.json"), filepath=str(SCHEMA), hash_val=SCHEMA_MD5)
+    # the schema file exists, so nothing is downloaded (no_download fails the test otherwise)
+    verify_metadata(meta_file=str(root / "configs" / "metadata.json"), filepath=str(SCHEMA))
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     assert meta["version"] in meta["changelog"]
     assert "monai-peft" in meta["required_packages_version"]
     assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 18
+
+
+def test_schema_is_valid_and_names_itself():
+    import jsonschema
+
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.validators.validator_for(schema).check_schema(schema)
+    assert "monai-peft" in schema["description"] and "verify_metadata" in schema["description"]
+
+
+@pytest.mark.parametrize("bundle", ALL_BUNDLES)
+def test_metadata_of_every_bundle_matches_schema(bundle, no_download):
+    from monai.bundle import verify_metadata
+
+    meta_file = BUNDLES / bundle / "configs" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    # the "schema" field is a path relative to the bundle root and names the committed schema
+    assert (BUNDLES / bundle / meta["schema"]).resolve() == SCHEMA.resolve()
+    verify_metadata(meta_file=str(meta_file), filepath=str(SCHEMA))
+    assert meta["version"] in meta["changelog"]
+
+
+@pytest.mark.parametrize("breakage", ["no_network_data_format", "version_not_semver", "no_outputs",
+                                      "negative_channels"])
+def test_verify_metadata_rejects_bad_metadata(tmp_path, breakage, no_download):
+    from monai.bundle import verify_metadata
+
+    meta = json.loads((BUNDLES / SEG / "configs" / "metadata.json").read_text())
+    if breakage == "no_network_data_format":
+        del meta["network_data_format"]
+    elif breakage == "version_not_semver":
+        meta["version"] = "1.0"
+    elif breakage == "no_outputs":
+        del meta["network_data_format"]["outputs"]
+    else:
+        meta["network_data_format"]["inputs"]["image"]["num_channels"] = -1
+    bad = tmp_path / "metadata.json"
+    bad.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="Failed validating"):
+        verify_metadata(meta_file=str(bad), filepath=str(SCHEMA))
 
 
 @pytest.mark.parametrize("bundle,backbone", [(SEG, "segresnet"), (UNET, "unet")])

@@ -52,7 +52,7 @@ def test_bundles_on_phantoms(tmp_path):
     import jsonschema
     import SimpleITK as sitk
 
-    schema = json.loads((REPO / "bundles" / "schema" / "meta_schema_20240725.json").read_text())
+    schema = json.loads((REPO / "bundles" / "schema" / "monai_peft_bundle_metadata.schema.json").read_text())
     for bundle in (PRETRAIN, MULTITASK):
         jsonschema.validate(json.loads((bundle / "configs" / "metadata.json").read_text()), schema)
         assert all((bundle / f).is_file() for f in ("LICENSE", "docs/README.md", "configs/logging.conf"))
