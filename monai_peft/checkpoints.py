@@ -11,8 +11,6 @@ initialisation, and return a :class:`LoadReport`. Users pass the file path; noth
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from monai_peft.io import atomic_torch_save
 
 __all__ = ["LoadReport", "HEAD_PREFIXES", "load_suprem_checkpoint", "extract_state_dict", "write_suprem_layout_checkpoint"]
 
@@ -168,18 +168,6 @@ def load_suprem_checkpoint(
     return report
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_suprem_layout_checkpoint(
     model: nn.Module, path: str | Path, backbone: str = "segresnet", pretrain_classes: int = 32
 ) -> Path:
@@ -222,5 +210,5 @@ def write_suprem_layout_checkpoint(
         for name, shape in extra.items():
             net["module." + name] = torch.randn(shape, generator=gen)
     path = Path(path)
-    _atomic_torch_save({"net": net, "epoch": 2100}, path)
+    atomic_torch_save({"net": net, "epoch": 2100}, path)
     return path

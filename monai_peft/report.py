@@ -7,15 +7,14 @@ in SegResNet: 0.7M trainable of 4.7M = 14.9%). Frozen originals kept by peft bes
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Union
 
 from torch import nn
 
+from monai_peft.io import atomic_write_json
 from monai_peft.regions import _unwrap, module_in_region, regions_of
 
 __all__ = ["ParameterReport", "parameter_report", "parameter_kind"]
@@ -85,13 +84,7 @@ class ParameterReport:
 
     def to_json(self, path: Union[str, os.PathLike]) -> Path:
         """Write the report atomically as JSON; returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.as_dict(), f, indent=2)
-        os.replace(tmp, path)
-        return path
+        return atomic_write_json(path, self.as_dict())
 
     def table(self) -> str:
         """A plain-text table: one row per region and per kind, then the total."""

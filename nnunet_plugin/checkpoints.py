@@ -17,13 +17,15 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from monai_peft.io import atomic_path, atomic_save_safetensors
+from monai_peft.io import atomic_torch_save as _atomic_torch_save
 
 from nnunet_plugin.network import PLAIN_KEYS_ATTR, SUPREM_ATTR, unwrap_network
 
@@ -253,7 +255,7 @@ def adapter_path_for(checkpoint: str | os.PathLike) -> Path:
 
 
 def save_adapter_file(network: nn.Module, path: str | os.PathLike, metadata: Mapping[str, Any]) -> Path:
-    """Write :func:`adapter_state_dict` as safetensors, atomically (temp file in the same folder + ``os.replace``).
+    """Write :func:`adapter_state_dict` as safetensors, atomically (:func:`monai_peft.io.atomic_save_safetensors`).
 
     Args:
         network: the adapted network.
@@ -261,21 +263,9 @@ def save_adapter_file(network: nn.Module, path: str | os.PathLike, metadata: Map
         metadata: JSON-serialisable facts stored under ``"monai_peft_nnunet"`` in the safetensors header
             (trainer, settings, plans, dataset.json, configuration, base checkpoint hash).
     """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = adapter_state_dict(network)
     header = {"format": "pt", ADAPTER_METADATA_KEY: json.dumps(dict(metadata), sort_keys=True, default=str)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_save_safetensors(tensors, path, metadata=header)
 
 
 def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -298,17 +288,15 @@ def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike, save_fn: Optional[Any] = None) -> None:
-    """``torch.save`` (or ``save_fn(tmp)``) to a temp file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if save_fn is None:
-            torch.save(obj, tmp)
-        else:
-            save_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """``torch.save(obj, path)`` atomically, or ``save_fn(tmp)`` for writers that save themselves.
+
+    Args:
+        obj: what ``torch.save`` writes; ignored when ``save_fn`` is given.
+        path: the final file.
+        save_fn: called with the temporary path instead of ``torch.save`` (e.g. ``nnUNetTrainer.save_checkpoint``).
+    """
+    if save_fn is None:
+        _atomic_torch_save(obj, path)
+        return
+    with atomic_path(path) as tmp:
+        save_fn(tmp)

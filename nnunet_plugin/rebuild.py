@@ -14,7 +14,6 @@ Command line: ``monai-peft nnunet-rebuild --base BASE.pth --adapter ADAPTER.safe
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any, Union
 
 import torch
 from torch import nn
+
+from monai_peft.io import atomic_write_json
 
 from nnunet_plugin.checkpoints import atomic_torch_save, file_sha256, load_adapter_file, load_pretrained_backbone
 
@@ -143,9 +144,7 @@ def export_model_folder(
     out = Path(output_folder)
     out.mkdir(parents=True, exist_ok=True)
     for name, content in (("plans.json", meta["plans"]), ("dataset.json", meta["dataset_json"])):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(json.dumps(content, indent=2))
-        os.replace(tmp, out / name)
+        atomic_write_json(out / name, content)
     mirroring = meta.get("inference_allowed_mirroring_axes")
     checkpoint = {
         "network_weights": network.state_dict(),

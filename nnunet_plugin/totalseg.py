@@ -12,11 +12,9 @@ Command line: ``monai-peft totalseg-to-nnunet TOTALSEG_ROOT --dataset-id 501 --c
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -26,6 +24,7 @@ import numpy as np
 from monai.utils import optional_import
 
 from monai_peft.data import class_group, list_cases, merge_structures, read_meta
+from monai_peft.io import atomic_path, atomic_save_nifti, atomic_write_json
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -38,35 +37,15 @@ CHANNEL_NAMES = {"ct": "CT", "mr": "MRI"}
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _atomic_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:-7]}.", suffix=".nii.gz")
-    os.close(fd)
-    try:
-        img = nib.Nifti1Image(data, affine)
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _nifti_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    return img
 
 
 def totalseg_to_nnunet(
@@ -128,7 +107,7 @@ def totalseg_to_nnunet(
         images, labels = ("imagesTs", "labelsTs") if split == "test" else ("imagesTr", "labelsTr")
         _atomic_copy(case / ("ct.nii.gz" if modality == "ct" else "mri.nii.gz"),
                      folder / images / f"{case_id}_0000.nii.gz")
-        _atomic_nifti(label, affine, folder / labels / f"{case_id}.nii.gz")
+        atomic_save_nifti(_nifti_image(label, affine), folder / labels / f"{case_id}.nii.gz")
         splits[split].append(case_id)
     n_train = len(splits["train"]) + len(splits["val"])
     if n_train == 0:
@@ -142,10 +121,10 @@ def totalseg_to_nnunet(
         "description": f"TotalSegmentator {modality.upper()} converted by monai-peft; classes: "
                        f"{classes if isinstance(classes, str) else 'custom list'}",
     }
-    _atomic_write_text(folder / "dataset.json", json.dumps(dataset_json, indent=2))
+    atomic_write_json(folder / "dataset.json", dataset_json)
     if splits["val"]:
-        _atomic_write_text(folder / "splits_final.json",
-                           json.dumps([{"train": sorted(splits["train"]), "val": sorted(splits["val"])}], indent=2))
+        atomic_write_json(folder / "splits_final.json",
+                          [{"train": sorted(splits["train"]), "val": sorted(splits["val"])}])
     logger.info("wrote %s: %d train, %d val, %d test cases", folder, len(splits["train"]), len(splits["val"]),
                 len(splits["test"]))
     return folder

@@ -183,7 +183,7 @@ def test_run_gradcam_writes_aligned_nifti_json_png(tmp_path):
     cam = nib.load(tmp_path / "cam_feat_liver.nii.gz").get_fdata()
     assert otsu_dice(cam, gt == 1)[0] > 0.8
     assert (tmp_path / "gradcam_liver.png").stat().st_size > 1000
-    assert not list(tmp_path.glob(".tmp-*")), "no temporary files left"
+    assert not list(tmp_path.glob(".*")), "no temporary files left"
 
 
 def test_handler_on_an_engine(tmp_path):

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monai_peft.analysis._io import savefig_atomic
+from monai_peft.io import atomic_save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -398,6 +398,6 @@ def plot_tradeoff(points: Sequence[ParetoPoint], path: str | os.PathLike) -> Pat
     ax.set_title("Performance - parameter efficiency trade-off (filled: frontier)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(title="backbone")
-    savefig_atomic(fig, path)
+    atomic_save_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

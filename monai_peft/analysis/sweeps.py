@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monai_peft.analysis._io import atomic_path, write_json_atomic
+from monai_peft.io import atomic_write_json, atomic_write_text, json_default
 from monai_peft.analysis.pareto import RunRecord, load_run_records
 from monai_peft.analysis.tables import thesis_tables
 
@@ -168,9 +168,8 @@ def write_plan(runs: Sequence[SweepRun], output_root: str | Path) -> tuple[Path,
     script = root / "sweep.sh"
     lines = ["#!/usr/bin/env bash", "# thesis 4.2.5.2 / 4.2.5.3: data-size sweep and OOD runs", "set -euo pipefail"]
     lines += [r.shell for r in runs]
-    with atomic_path(script, suffix=".sh") as tmp:
-        Path(tmp).write_text("\n".join(lines) + "\n")
-    plan = write_json_atomic(root / "sweep.json", [asdict(r) for r in runs])
+    atomic_write_text(script, "\n".join(lines) + "\n")
+    plan = atomic_write_json(root / "sweep.json", [asdict(r) for r in runs], default=json_default)
     return script, plan
 
 
@@ -256,10 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     markdown = "\n\n".join(t["markdown"] for t in result["tables"].values())
     as_json = {"runs": result["runs"], "tables": {k: v["json"] for k, v in result["tables"].items()}}
     if args.output:
-        write_json_atomic(args.output, as_json)
+        atomic_write_json(args.output, as_json, default=json_default)
     if args.markdown:
-        with atomic_path(args.markdown, suffix=".md") as tmp:
-            Path(tmp).write_text(markdown + "\n")
+        atomic_write_text(args.markdown, markdown + "\n")
     if args.json:
         print(json.dumps(as_json, indent=2))
     else:

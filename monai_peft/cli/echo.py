@@ -175,6 +175,7 @@ def plot_study(report: dict, camus_root: str | os.PathLike, pred_dir: str | os.P
     import SimpleITK as sitk
 
     from monai_peft.echo import find_camus, read_image
+    from monai_peft.io import atomic_save_figure
 
     name, entry = next(iter(report["patients"].items()))
     recs = {(r.view, r.phase): r for r in find_camus(camus_root) if r.patient == name}
@@ -200,9 +201,7 @@ def plot_study(report: dict, camus_root: str | os.PathLike, pred_dir: str | os.P
             lines.append(f"{k}: EDV {v['EDV']:.1f} ml, ESV {v['ESV']:.1f} ml, EF {ef}%")
     fig.suptitle("\n".join(lines), fontsize=9)
     fig.tight_layout()
-    p = Path(png)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".tmp.{p.name}")
-    fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    os.replace(tmp, p)
+    try:
+        atomic_save_figure(fig, png, dpi=90, format="png")
+    finally:
+        plt.close(fig)

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from monai_peft.analysis._io import write_json_atomic
+    from monai_peft.io import atomic_write_json, json_default
     from monai_peft.interpret._common import save_nifti
     from monai_peft.interpret.gradcam import run_gradcam
 
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             record["files"]["nifti"].insert(1, "label.nii.gz")
     record["image"] = str(args.image)
     record["seconds"] = round(time.perf_counter() - t0, 3)
-    write_json_atomic(out / "gradcam.json", record)
+    atomic_write_json(out / "gradcam.json", record, default=json_default)
     if args.json:
         print(dump(record))
     else:

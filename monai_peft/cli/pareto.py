@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from monai_peft.analysis._io import write_json_atomic
+    from monai_peft.io import atomic_write_json, json_default
     from monai_peft.analysis.pareto import load_run_records, pareto_scores, plot_tradeoff, scores_table
     from monai_peft.analysis.tables import thesis_tables
 
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         result["plot"] = str(plot_tradeoff(points, args.plot))
     if args.output is not None:
-        write_json_atomic(args.output, result)
+        atomic_write_json(args.output, result, default=json_default)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

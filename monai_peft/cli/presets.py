@@ -55,8 +55,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _plot(rows: list[dict], path: str) -> None:
     """Horizontal bars of trainable % per preset, ours beside the thesis's; written atomically."""
-    import os
-    import tempfile
     from pathlib import Path
 
     import matplotlib
@@ -64,8 +62,9 @@ def _plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from monai_peft.io import atomic_save_figure
+
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     n = len(rows)
     fig, ax = plt.subplots(figsize=(9, 0.32 * n + 1.2))
     ys = list(range(n))
@@ -77,12 +76,7 @@ def _plot(rows: list[dict], path: str) -> None:
     ax.set_xlabel("trainable parameters (% of backbone)")
     ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, out)
+        atomic_save_figure(fig, out, dpi=120, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)

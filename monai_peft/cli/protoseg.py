@@ -56,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
                           class_names=names, metric=args.metric, save_maps=args.save_maps)
     record["seconds"] = round(time.perf_counter() - t0, 3)
     record["image"] = str(args.image)
-    from monai_peft.analysis._io import write_json_atomic
+    from monai_peft.io import atomic_write_json, json_default
 
-    write_json_atomic(Path(args.output_dir) / "protoseg.json", record)
+    atomic_write_json(Path(args.output_dir) / "protoseg.json", record, default=json_default)
     if args.json:
         print(dump(record))
     else:

@@ -9,8 +9,6 @@ Hounsfield values (or MR-like intensities) and Gaussian noise. Sizes are relativ
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 
 from monai_peft.data.class_maps import VERTEBRAE_25
 from monai_peft.data.totalseg import write_case
+from monai_peft.io import atomic_path
 
 __all__ = ["PHANTOM_ORGANS", "make_phantom", "write_phantom_dataset"]
 
@@ -158,12 +157,10 @@ def write_phantom_dataset(
         case_id = f"s{i:04d}"
         write_case(root / case_id, np.round(image), affine, label, names, modality, write_empty)
         ids.append(case_id)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".meta.", suffix=".csv")
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_path(root / "meta.csv", suffix=".csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f, delimiter=";")
         writer.writerow(["image_id", "age", "gender", "institute", "study_type", "split"])
         rng = np.random.default_rng(seed)
         for i, case_id in enumerate(ids):
             writer.writerow([case_id, int(rng.integers(20, 90)), "mf"[i % 2], "A", "phantom", splits[i % 4]])
-    os.replace(tmp, root / "meta.csv")
     return ids

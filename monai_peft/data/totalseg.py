@@ -17,8 +17,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 from monai.utils import optional_import
 
 from monai_peft.data.class_maps import class_group
+from monai_peft.io import atomic_save_nifti
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -177,18 +176,6 @@ def remap_label_map(label: np.ndarray, id_to_name: Mapping[int, str], classes: s
     return lut[np.asarray(label).astype(np.int64)]
 
 
-def _atomic_nifti_save(img: nib.Nifti1Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:-7]}.", suffix=".nii.gz")
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     img = nib.Nifti1Image(data, affine)
     img.set_qform(affine, code=1)
@@ -226,11 +213,11 @@ def write_case(
     case_dir = Path(case_dir)
     id_to_name = dict(names) if isinstance(names, Mapping) else {i + 1: n for i, n in enumerate(names)}
     data = image.astype(np.int16) if np.allclose(image, np.round(image)) and np.abs(image).max() < 32767 else image
-    _atomic_nifti_save(_nifti(np.asarray(data), affine), case_dir / IMAGE_FILES[modality])
+    atomic_save_nifti(_nifti(np.asarray(data), affine), case_dir / IMAGE_FILES[modality])
     for idx, name in id_to_name.items():
         mask = (label == idx).astype(np.uint8)
         if mask.any() or write_empty:
-            _atomic_nifti_save(_nifti(mask, affine), case_dir / SEG_DIR / f"{name}.nii.gz")
+            atomic_save_nifti(_nifti(mask, affine), case_dir / SEG_DIR / f"{name}.nii.gz")
     return case_dir
 
 
@@ -290,7 +277,7 @@ def cached_label_map(
     if out.is_file() and out.stat().st_mtime >= newest:
         return out
     label, affine = merge_structures(case_dir, names, modality)
-    _atomic_nifti_save(_nifti(label, affine), out)
+    atomic_save_nifti(_nifti(label, affine), out)
     return out
 
 

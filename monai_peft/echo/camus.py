@@ -9,7 +9,6 @@ ED and ES frames of the apical 2CH and 4CH views, their ``_gt`` masks (absent fo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -17,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from monai_peft.io import atomic_write_json
 
 from .simpson import ejection_fraction, simpson_biplane
 
@@ -269,12 +270,6 @@ def camus_quality_report(records: Sequence[CamusRecord], ef_tolerance: float = 5
                           "mae_EDV_simpson_vs_cfg": _mae("EDV_simpson", "EDV_cfg"),
                           "mae_ESV_simpson_vs_cfg": _mae("ESV_simpson", "ESV_cfg")}}
     if out_json is not None:
-        _write_json_atomic(report, Path(out_json))
+        atomic_write_json(out_json, report, default=float)
     return report
 
-
-def _write_json_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)

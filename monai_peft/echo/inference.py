@@ -11,6 +11,8 @@ import torch
 
 from monai.utils import optional_import
 
+from monai_peft.io import atomic_path
+
 from .camus import find_camus, load_camus_record
 from .data import preprocess_image
 from .echonet import find_echonet, load_echonet_frames
@@ -28,12 +30,10 @@ def write_mask(mask: np.ndarray, spacing: Sequence[float], path: str | os.PathLi
     import SimpleITK as sitk
 
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     img = sitk.GetImageFromArray(np.asarray(mask, np.uint8))
     img.SetSpacing((float(spacing[1]), float(spacing[0])))
-    tmp = p.with_name(f".tmp.{p.name}")
-    sitk.WriteImage(img, str(tmp))
-    os.replace(tmp, p)
+    with atomic_path(p, suffix="".join(p.suffixes) or None) as tmp:  # SimpleITK picks the format from the suffix
+        sitk.WriteImage(img, tmp)
     return p
 
 

@@ -4,7 +4,8 @@ Adapters are plain peft ``LoraConfig`` adapters named after their task; each tas
 ``adapter_config.json`` + ``adapter_model.safetensors`` and, alongside, ``head.safetensors`` (the task
 head) and ``task.json`` (the :class:`~monai_peft.echo.tasks.TaskSpec`). Backbone folders hold
 ``backbone.safetensors`` + ``backbone.json`` (the ``SegformerConfig``) and, after pretraining, the pretext
-head. All files are written atomically (temporary folder in the same place, then ``os.replace``).
+head. Folders are written atomically (a temporary folder beside the target, swapped in with
+:func:`monai_peft.io.atomic_replace_dir`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 
 from monai.utils import optional_import
+
+from monai_peft.io import atomic_replace_dir
 
 from .models import LORA_TARGETS, EchoBackbone, lora_target_modules
 from .tasks import TaskSpec, get_task
@@ -58,18 +60,6 @@ def echo_lora_config(layers: str = "attention", r: int = 4, alpha: float | None 
                            target_modules=LORA_TARGETS[layers], bias="none", **kwargs)
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-
-
 def save_backbone(backbone: EchoBackbone, directory: str | os.PathLike, head: nn.Module | None = None,
                   task: TaskSpec | None = None, extra: dict | None = None) -> Path:
     """Write ``backbone.safetensors`` + ``backbone.json`` (and the pretext head) into ``directory``.
@@ -92,7 +82,7 @@ def save_backbone(backbone: EchoBackbone, directory: str | os.PathLike, head: nn
         if task is None:
             raise ValueError("save_backbone: 'task' is required when 'head' is given.")
         _save_head(head, task, tmp)
-    _replace_dir(tmp, final)
+    atomic_replace_dir(tmp, final)
     return final
 
 
@@ -224,7 +214,7 @@ class MultiTaskEchoModel(nn.Module):
                 os.replace(f, tmp / f.name)
             sub.rmdir()
         _save_head(self.heads[name], self.tasks[name], tmp)
-        _replace_dir(tmp, final)
+        atomic_replace_dir(tmp, final)
         return final
 
     def load_task(self, directory: str | os.PathLike, name: str | None = None, trainable: bool = False) -> str:

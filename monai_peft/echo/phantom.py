@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from monai_peft.io import atomic_path
+
 __all__ = ["HeartParams", "random_heart", "render_frame", "write_camus_phantom", "write_echonet_phantom"]
 
 DEPTH_MM = 160.0  # imaging depth of the sector
@@ -159,10 +161,11 @@ def _write_image(arr: np.ndarray, spacing: tuple[float, float], path: Path) -> N
 
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing((float(spacing[1]), float(spacing[0])))  # ITK order is (x=col, y=row)
-    tmp = path.with_name(path.name.replace(".", ".tmp.", 1)) if path.suffix != ".mhd" else path
-    sitk.WriteImage(img, str(tmp))
-    if tmp != path:
-        os.replace(tmp, path)
+    if path.suffix == ".mhd":  # header + .raw pair, named after each other: written in place
+        sitk.WriteImage(img, str(path))
+        return
+    with atomic_path(path, suffix="".join(path.suffixes)) as tmp:  # SimpleITK picks the format from the suffix
+        sitk.WriteImage(img, tmp)
 
 
 def _cfg_text(p: HeartParams, frames: int, ed: int, es: int, ef_key: str) -> str:
@@ -282,19 +285,20 @@ def write_echonet_phantom(root: str | os.PathLike, num_videos: int = 6, num_fram
         ed = int(rng.integers(0, num_frames // 4))
         es = ed + num_frames // 2
         fourcc = cv2.VideoWriter_fourcc(*"FFV1")
-        tmp = root / "Videos" / f".{name}.tmp.avi"
-        writer = cv2.VideoWriter(str(tmp), fourcc, 50, (size, size), isColor=True)
-        if not writer.isOpened():
-            raise RuntimeError(f"{tmp}: OpenCV cannot write FFV1 AVI files.")
-        for f in range(num_frames):
-            t = 0.5 * (1 - math.cos(2 * math.pi * (f - ed) / (2 * (es - ed))))
-            img, _, sp, geom = render_frame(p, "4CH", t, (size, size), rng)
-            writer.write(np.repeat(img[..., None], 3, axis=2))
-            if f in (ed, es):
-                for x1, y1, x2, y2 in _tracing_lines(geom, sp[0]):
-                    traces.append([f"{name}.avi", f"{x1:.4f}", f"{y1:.4f}", f"{x2:.4f}", f"{y2:.4f}", f])
-        writer.release()
-        os.replace(tmp, root / "Videos" / f"{name}.avi")
+        with atomic_path(root / "Videos" / f"{name}.avi", suffix=".avi") as tmp:  # OpenCV picks the container
+            writer = cv2.VideoWriter(tmp, fourcc, 50, (size, size), isColor=True)
+            if not writer.isOpened():
+                raise RuntimeError(f"{tmp}: OpenCV cannot write FFV1 AVI files.")
+            try:
+                for f in range(num_frames):
+                    t = 0.5 * (1 - math.cos(2 * math.pi * (f - ed) / (2 * (es - ed))))
+                    img, _, sp, geom = render_frame(p, "4CH", t, (size, size), rng)
+                    writer.write(np.repeat(img[..., None], 3, axis=2))
+                    if f in (ed, es):
+                        for x1, y1, x2, y2 in _tracing_lines(geom, sp[0]):
+                            traces.append([f"{name}.avi", f"{x1:.4f}", f"{y1:.4f}", f"{x2:.4f}", f"{y2:.4f}", f])
+            finally:
+                writer.release()
         split = ["TRAIN", "TRAIN", "TRAIN", "VAL", "TEST"][i % 5] if num_videos >= 3 else "TRAIN"
         edv, esv = p.volume("ED"), p.volume("ES")
         rows.append({"FileName": name, "EF": (edv - esv) / edv * 100, "ESV": esv, "EDV": edv, "FrameHeight": size,

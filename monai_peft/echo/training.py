@@ -7,7 +7,6 @@ poor-quality images (Tables I-IV): Dice per structure, accuracy, MAE in ml / yea
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -20,6 +19,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from monai.utils import optional_import
+
+from monai_peft.io import atomic_write_json
 
 from .data import camus_task_dataset, echonet_task_dataset
 from .models import EchoBackbone, EchoTaskModel, segformer_config
@@ -34,13 +35,8 @@ logger = logging.getLogger(__name__)
 
 
 def write_json(obj: dict, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as JSON atomically (temporary file + ``os.replace``)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, p)
-    return p
+    """Write ``obj`` as indented JSON atomically; numpy scalars and tensors become floats."""
+    return atomic_write_json(path, obj, default=float)
 
 
 def fit(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, epochs: int = 1, lr: float = 1e-3,

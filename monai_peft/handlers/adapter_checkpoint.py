@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from monai_peft.io import atomic_replace_dir
 from monai_peft.workflows.records import atomic_write_json, process_rank
 
 if TYPE_CHECKING:
@@ -42,18 +42,6 @@ def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
 
 def _is_peft(network: torch.nn.Module) -> bool:
     return hasattr(network, "peft_config") and hasattr(network, "save_pretrained")
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished folder ``tmp`` to ``final``; the previous ``final`` survives as ``.<name>.old`` until then."""
-    old = final.parent / f".{final.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def save_adapter_folder(network: torch.nn.Module, folder: str | Path, info: dict[str, Any] | None = None,
@@ -86,7 +74,7 @@ def save_adapter_folder(network: torch.nn.Module, folder: str | Path, info: dict
         if extra_state is not None:
             torch.save(extra_state, tmp / STATE_FILE)
         atomic_write_json(tmp / INFO_FILE, info or {})
-        _replace_dir(tmp, folder)
+        atomic_replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

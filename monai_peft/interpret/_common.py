@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from monai_peft.analysis._io import atomic_path
+from monai_peft.io import atomic_save_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -199,11 +199,8 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -
     """Write a 3D array as NIfTI (float32) with ``affine``, atomically."""
     import nibabel as nib
 
-    path = Path(path)
     img = nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.asarray(affine, dtype=np.float64))
-    with atomic_path(path) as tmp:
-        nib.save(img, tmp)
-    return path
+    return atomic_save_nifti(img, path)
 
 
 def resample_to_grid(

@@ -32,7 +32,7 @@ import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
-from monai_peft.analysis._io import savefig_atomic, write_json_atomic
+from monai_peft.io import atomic_save_figure, atomic_write_json, json_default
 from monai_peft.interpret._common import (
     adapter_names,
     as_batch,
@@ -297,7 +297,7 @@ def save_gradcam_overlays(
             ax.set_xticks([])
             ax.set_yticks([])
         fig.tight_layout()
-        paths.append(savefig_atomic(fig, out_dir / f"gradcam_{safe_name(cname)}.png"))
+        paths.append(atomic_save_figure(fig, out_dir / f"gradcam_{safe_name(cname)}.png", dpi=120, bbox_inches="tight"))
         plt.close(fig)
     return paths
 
@@ -379,7 +379,7 @@ def run_gradcam(
         img = x[0, 0].detach().cpu().numpy()
         pngs = save_gradcam_overlays(img, result, out_dir, label=gt, class_names=names)
         record["files"]["png"] = [p.name for p in pngs]
-    write_json_atomic(out_dir / "gradcam.json", record)
+    atomic_write_json(out_dir / "gradcam.json", record, default=json_default)
     return record
 
 
@@ -476,4 +476,4 @@ class GradCAMHandler:
 
     def write_summary(self, engine: Engine | None = None) -> None:
         if self.records:
-            write_json_atomic(self.output_dir / "gradcam_summary.json", self.summary())
+            atomic_write_json(self.output_dir / "gradcam_summary.json", self.summary(), default=json_default)

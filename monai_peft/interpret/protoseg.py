@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
-from monai_peft.analysis._io import savefig_atomic, write_json_atomic
+from monai_peft.io import atomic_save_figure, atomic_write_json, json_default
 from monai_peft.interpret._common import (
     CONV_TYPES,
     adapter_names,
@@ -311,7 +311,7 @@ def plot_segmentation_ability(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = savefig_atomic(fig, path)
+    out = atomic_save_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out
 
@@ -376,7 +376,7 @@ def run_protoseg(
             record["files"]["nifti"].append(p.name)
     if save_png and res:
         record["files"]["png"].append(plot_segmentation_ability(res, out_dir / "protoseg.png").name)
-    write_json_atomic(out_dir / "protoseg.json", record)
+    atomic_write_json(out_dir / "protoseg.json", record, default=json_default)
     return record
 
 
@@ -470,4 +470,4 @@ class ProtoSegHandler:
 
     def write_summary(self, engine: Engine | None = None) -> None:
         if self.records:
-            write_json_atomic(self.output_dir / "protoseg_summary.json", self.summary())
+            atomic_write_json(self.output_dir / "protoseg_summary.json", self.summary(), default=json_default)

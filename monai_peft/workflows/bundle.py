@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from monai_peft.io import atomic_torch_save
 from monai_peft.handlers.adapter_checkpoint import INFO_FILE, load_adapter_folder, unwrap_network
 from monai_peft.workflows.records import atomic_write_json
 
@@ -217,15 +216,7 @@ def export_merged(network: torch.nn.Module, adapter_dir: str | Path | None, file
                                                             "modules_to_save", "original_module"))]
     if leftovers:
         raise ValueError(f"export: merging {method} left adapter tensors in the network, e.g. {leftovers[:3]}.")
-    filepath.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=filepath.parent, prefix=f".{filepath.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, filepath)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_torch_save(state, filepath)
     atomic_write_json(filepath.with_suffix(filepath.suffix + ".json"),
                       {"method": method, "adapter_dir": str(adapter_dir) if adapter_dir else None,
                        "n_tensors": len(state), "network": type(merged).__name__})

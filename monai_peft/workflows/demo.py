@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +25,7 @@ from monai.data import CacheDataset, DataLoader
 from monai.networks.nets import SegResNet
 from monai.utils import set_determinism
 
+from monai_peft.io import atomic_save_figure, atomic_torch_save
 from monai_peft.workflows.engines import build_loss, build_test_evaluator, build_trainer
 from monai_peft.workflows.records import atomic_write_json, read_run_record
 
@@ -181,7 +180,7 @@ def run_demo(
                                 run_info={"method": "pretrain", "classes": list(SOURCE_CLASSES)}, progress=progress,
                                 log_stats=verbose, loss_function=demo_loss())
         trainer.run()
-        _atomic_torch_save({k: v.cpu() for k, v in pretrained.state_dict().items()}, pretrained_file)
+        atomic_torch_save({k: v.cpu() for k, v in pretrained.state_dict().items()}, pretrained_file)
     pretrained = pretrained.cpu()
 
     rows = []
@@ -232,18 +231,6 @@ def run_demo(
     return result
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The comparison as a plain-text table (one row per method)."""
 
@@ -282,14 +269,8 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.set_title("monai-peft demo: Dice vs trainable parameters")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        atomic_save_figure(fig, path, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

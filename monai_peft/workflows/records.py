@@ -19,11 +19,12 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from monai_peft.io import atomic_write_json as _write_json
+from monai_peft.io import atomic_write_text
 
 __all__ = ["RECORD_VERSION", "atomic_write_json", "atomic_write_text", "process_rank", "read_run_record",
            "update_run_record"]
@@ -53,25 +54,12 @@ def process_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def atomic_write_json(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON atomically (NaN becomes null)."""
-    return atomic_write_text(path, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
+    """Write ``data`` as indented JSON atomically; NaN/inf become null, numpy/torch values plain numbers.
+
+    The run-record flavour of :func:`monai_peft.io.atomic_write_json` (the file stays standard JSON).
+    """
+    return _write_json(path, _jsonable(data), allow_nan=False)
 
 
 def read_run_record(path: str | Path) -> dict[str, Any]:
