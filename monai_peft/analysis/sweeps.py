@@ -20,8 +20,6 @@ size from the folder even when a record does not carry them. Run it as::
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import re
 import shlex
@@ -211,58 +209,10 @@ def collect_sweep(root: str | Path, backbone: str | None = None) -> dict[str, An
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m monai_peft.analysis.sweeps {plan,collect} ...``"""
-    parser = argparse.ArgumentParser(prog="python -m monai_peft.analysis.sweeps", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("plan", help="write the sweep's bundle command lines (sweep.sh, sweep.json)")
-    p.add_argument("bundle_dir", type=Path)
-    p.add_argument("--output-root", type=Path, default=Path("runs/sweep"))
-    p.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), help="PEFT presets to compare")
-    p.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.5, 0.1])
-    p.add_argument("--ood", nargs="*", default=["vertebrae", "mr_organs"], help="OOD tasks (none: empty)")
-    p.add_argument("--key", action="append", default=[], metavar="FIELD=ID",
-                   help=f"config id for a field ({', '.join(DEFAULT_KEYS)}), e.g. preset=peft#preset")
-    p.add_argument("--set", action="append", default=[], metavar="ID=VALUE", help="extra override for every run")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    c = sub.add_parser("collect", help="collect finished run records into the thesis tables")
-    c.add_argument("root", type=Path)
-    c.add_argument("--backbone", default=None, help="backbone for records that name none")
-    c.add_argument("--output", type=Path, default=None, help="write the runs and tables as JSON here")
-    c.add_argument("--markdown", type=Path, default=None, help="write the tables as Markdown here")
-    c.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = parser.parse_args(argv)
-    if args.action == "plan":
-        def pairs(items: list[str], flag: str) -> dict[str, str]:
-            bad = [i for i in items if "=" not in i]
-            if bad:
-                parser.error(f"{flag} expects NAME=VALUE, got {bad}")
-            return dict(i.split("=", 1) for i in items)
+    """``python -m monai_peft.analysis.sweeps {plan,collect} ...``: the same as ``monai-peft sweep ...``."""
+    from monai_peft.cli import main as cli_main
 
-        bundle = args.bundle_dir
-        if not (bundle / "configs").is_dir():
-            logger.warning("%s has no configs/ folder; the command lines point at it all the same", bundle)
-        runs = plan_sweep(bundle, args.presets, args.fractions, args.ood, args.output_root,
-                          keys=pairs(args.key, "--key"), extra_overrides=pairs(args.set, "--set"))
-        script, plan = write_plan(runs, args.output_root)
-        if args.json:
-            print(json.dumps([asdict(r) for r in runs], indent=2))
-        else:
-            print("\n".join(r.shell for r in runs))
-            print(f"# {len(runs)} runs -> {script}, {plan}")
-        return 0
-    result = collect_sweep(args.root, backbone=args.backbone)
-    markdown = "\n\n".join(t["markdown"] for t in result["tables"].values())
-    as_json = {"runs": result["runs"], "tables": {k: v["json"] for k, v in result["tables"].items()}}
-    if args.output:
-        atomic_write_json(args.output, as_json, default=json_default)
-    if args.markdown:
-        atomic_write_text(args.markdown, markdown + "\n")
-    if args.json:
-        print(json.dumps(as_json, indent=2))
-    else:
-        print(markdown or "no thesis table can be filled from these runs")
-    return 0
+    return cli_main(["sweep", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "gradcam": "monai_peft.cli.gradcam",
     "protoseg": "monai_peft.cli.protoseg",
     "pareto": "monai_peft.cli.pareto",
+    "sweep": "monai_peft.cli.sweep",
     "presets": "monai_peft.cli.presets",
     "demo": "monai_peft.cli.demo",
     "echo": "monai_peft.cli.echo",
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         module = _load(name)
-        summary = (module.__doc__ or name).strip().splitlines()[0]
+        summary = (module.__doc__ or name).strip().splitlines()[0].replace("%", "%%")
         p = sub.add_parser(name, help=summary, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
