@@ -1,5 +1,5 @@
 """Helpers shared by Grad-CAM and ProtoSeg: layer look-up, conv tracing, adapter detection, train/eval
-mode bookkeeping, NIfTI and slice utilities."""
+mode bookkeeping, NIfTI and slice utilities, and the per-case ignite handler skeleton."""
 
 from __future__ import annotations
 
@@ -7,16 +7,23 @@ import difflib
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
-from monai_peft.io import atomic_save_nifti
+from monai_peft.io import atomic_save_nifti, atomic_write_json, json_default
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine, Events
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+    Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
 logger = logging.getLogger(__name__)
 
@@ -305,3 +312,104 @@ def safe_name(name: str) -> str:
     """A file-name friendly version of a module or class name (peft's ``base_model.model.`` dropped)."""
     name = short_name(name)
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "layer"
+
+
+class PerCaseAnalysisHandler:
+    """Skeleton of an ignite handler that analyses the first ``max_cases`` images an evaluator sees, one
+    output folder per case, and writes a summary over them at epoch end.
+
+    Attached to an engine it runs on ``ITERATION_COMPLETED`` (splitting ``engine.state.batch`` with
+    :func:`batch_items`), writes ``<output_dir>/<summary_filename>`` on ``EPOCH_COMPLETED`` and forgets
+    the cases on ``EPOCH_STARTED``. Case ``i`` goes to ``<output_dir>/case<iii>[_<stem>]``.
+
+    Subclasses set ``handler_name`` (used in error messages), ``analysis_name`` (used in the log line)
+    and ``summary_filename``, and implement :meth:`analyse_case` and :meth:`summary`.
+
+    Args:
+        output_dir: folder for the case sub-folders and the summary.
+        layers: module names to analyse; ``None``: the subclass default.
+        classes: output channels to analyse; ``None``: the subclass default.
+        class_names: channel -> name (JSON keys may be strings).
+        network: network to analyse; default ``engine.network``.
+        image_key: batch key of the image ``(B, C, H, W, D)``. Defaults to ``"image"``.
+        label_key: batch key of the label ``(B, 1, H, W, D)``, or ``None``. Defaults to ``"label"``.
+        max_cases: number of images to analyse per epoch. Defaults to 1.
+
+    Raises:
+        ValueError: when ``max_cases < 1``.
+    """
+
+    handler_name: str = "PerCaseAnalysisHandler"
+    analysis_name: str = "Analysis"
+    summary_filename: str = "summary.json"
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        layers: Sequence[str] | None = None,
+        classes: Sequence[int] | None = None,
+        class_names: Mapping[Any, str] | None = None,
+        network: nn.Module | None = None,
+        image_key: str = "image",
+        label_key: str | None = "label",
+        max_cases: int = 1,
+    ) -> None:
+        if max_cases < 1:
+            raise ValueError(f"max_cases must be >= 1, got {max_cases}")
+        self.output_dir = Path(output_dir)
+        self.layers = None if layers is None else list(layers)
+        self.classes = None if classes is None else [int(c) for c in classes]
+        self.class_names = {int(k): str(v) for k, v in (class_names or {}).items()}
+        self.network = network
+        self.image_key, self.label_key = image_key, label_key
+        self.max_cases = max_cases
+        self.records: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        """Register the handler, the summary writer and the reset with ``engine`` (each once)."""
+        if not engine.has_event_handler(self, Events.ITERATION_COMPLETED):
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        if not engine.has_event_handler(self.write_summary, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.write_summary)
+        if not engine.has_event_handler(self.reset, Events.EPOCH_STARTED):
+            engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self.records = []
+
+    def analyse_case(self, network: nn.Module, item: dict[str, Any], case_dir: Path) -> dict[str, Any]:
+        """Analyse one image and write its outputs to ``case_dir``.
+
+        Args:
+            network: the network to analyse.
+            item: one entry of :func:`batch_items` (``image``, ``label``, ``affine``, ``stem``).
+            case_dir: the case's output folder.
+
+        Returns:
+            the case's record (JSON-serialisable); the handler adds its ``"case"`` name.
+        """
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        """The summary over ``self.records`` written at epoch end."""
+        raise NotImplementedError
+
+    def __call__(self, engine: Engine) -> None:
+        if len(self.records) >= self.max_cases:
+            return
+        network = self.network if self.network is not None else getattr(engine, "network", None)
+        if network is None:
+            raise ValueError(f"{self.handler_name}: no network given and the engine has no 'network' attribute")
+        for item in batch_items(engine.state.batch, self.image_key, self.label_key, self.handler_name):
+            if len(self.records) >= self.max_cases:
+                break
+            case = f"case{len(self.records):03d}" + (f"_{item['stem']}" if item["stem"] else "")
+            record = self.analyse_case(network, item, self.output_dir / case)
+            record["case"] = case
+            self.records.append(record)
+            engine.logger.info(f"{self.analysis_name} of {case} written to {self.output_dir / case}")
+
+    def write_summary(self, engine: Engine | None = None) -> None:
+        """Write :meth:`summary` to ``<output_dir>/<summary_filename>`` when any case was analysed."""
+        if self.records:
+            atomic_write_json(self.output_dir / self.summary_filename, self.summary(), default=json_default)

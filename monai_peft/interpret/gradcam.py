@@ -25,19 +25,19 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-from monai.utils import IgniteInfo, min_version, optional_import
+from monai.utils import optional_import
 from torch import nn
 
 from monai_peft.io import atomic_save_figure, atomic_write_json, json_default
 from monai_peft.interpret._common import (
+    PerCaseAnalysisHandler,
     adapter_names,
     as_batch,
     as_label,
-    batch_items,
     central_slices,
     default_gradcam_layers,
     dice,
@@ -58,11 +58,6 @@ SemanticSegmentationTarget, _ = optional_import(
     "pytorch_grad_cam.utils.model_targets", name="SemanticSegmentationTarget"
 )
 threshold_otsu, _ = optional_import("skimage.filters", name="threshold_otsu")
-if TYPE_CHECKING:
-    from ignite.engine import Engine, Events
-else:
-    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
-    Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
 logger = logging.getLogger(__name__)
 
@@ -383,7 +378,7 @@ def run_gradcam(
     return record
 
 
-class GradCAMHandler:
+class GradCAMHandler(PerCaseAnalysisHandler):
     """Ignite handler running :func:`run_gradcam` on the first ``max_cases`` images an evaluator sees,
     and writing the mean Otsu Dice per class and layer over them (thesis Table 5.10) at epoch end.
 
@@ -407,6 +402,10 @@ class GradCAMHandler:
         save_png: also write PNG overlays.
     """
 
+    handler_name = "GradCAMHandler"
+    analysis_name = "Grad-CAM"
+    summary_filename = "gradcam_summary.json"
+
     def __init__(
         self,
         output_dir: str | os.PathLike,
@@ -420,48 +419,21 @@ class GradCAMHandler:
         mask_source: str = "prediction",
         save_png: bool = True,
     ) -> None:
-        if max_cases < 1:
-            raise ValueError(f"max_cases must be >= 1, got {max_cases}")
+        super().__init__(
+            output_dir, layers=layers, classes=classes, class_names=class_names, network=network,
+            image_key=image_key, label_key=label_key, max_cases=max_cases,
+        )
         if mask_source not in ("prediction", "label"):
             raise ValueError(f"mask_source must be 'prediction' or 'label', got {mask_source!r}")
-        self.output_dir = Path(output_dir)
-        self.layers = None if layers is None else list(layers)
-        self.classes = None if classes is None else [int(c) for c in classes]
-        self.class_names = {int(k): str(v) for k, v in (class_names or {}).items()}
-        self.network = network
-        self.image_key, self.label_key = image_key, label_key
-        self.max_cases, self.mask_source, self.save_png = max_cases, mask_source, save_png
-        self.records: list[dict[str, Any]] = []
+        self.mask_source, self.save_png = mask_source, save_png
 
-    def attach(self, engine: Engine) -> None:
-        if not engine.has_event_handler(self, Events.ITERATION_COMPLETED):
-            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        if not engine.has_event_handler(self.write_summary, Events.EPOCH_COMPLETED):
-            engine.add_event_handler(Events.EPOCH_COMPLETED, self.write_summary)
-        if not engine.has_event_handler(self.reset, Events.EPOCH_STARTED):
-            engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
-
-    def reset(self, engine: Engine | None = None) -> None:
-        self.records = []
-
-    def __call__(self, engine: Engine) -> None:
-        if len(self.records) >= self.max_cases:
-            return
-        network = self.network if self.network is not None else getattr(engine, "network", None)
-        if network is None:
-            raise ValueError("GradCAMHandler: no network given and the engine has no 'network' attribute")
-        for item in batch_items(engine.state.batch, self.image_key, self.label_key, "GradCAMHandler"):
-            if len(self.records) >= self.max_cases:
-                break
-            case = f"case{len(self.records):03d}" + (f"_{item['stem']}" if item["stem"] else "")
-            record = run_gradcam(
-                network, item["image"], self.output_dir / case, layers=self.layers, classes=self.classes,
-                label=item["label"], class_names=self.class_names, affine=item["affine"],
-                mask_source=self.mask_source, save_png=self.save_png,
-            )
-            record["case"] = case
-            self.records.append(record)
-            engine.logger.info(f"Grad-CAM of {case} written to {self.output_dir / case}")
+    def analyse_case(self, network: nn.Module, item: dict[str, Any], case_dir: Path) -> dict[str, Any]:
+        """:func:`run_gradcam` on one image, written to ``case_dir``."""
+        return run_gradcam(
+            network, item["image"], case_dir, layers=self.layers, classes=self.classes,
+            label=item["label"], class_names=self.class_names, affine=item["affine"],
+            mask_source=self.mask_source, save_png=self.save_png,
+        )
 
     def summary(self) -> dict[str, Any]:
         """Mean Otsu Dice per class and layer over the explained cases."""
@@ -473,7 +445,3 @@ class GradCAMHandler:
                     out["mean_dice"].setdefault(cname, {}).setdefault(layer, []).append(d)
         out["mean_dice"] = {c: {k: float(np.mean(v)) for k, v in lv.items()} for c, lv in out["mean_dice"].items()}
         return out
-
-    def write_summary(self, engine: Engine | None = None) -> None:
-        if self.records:
-            atomic_write_json(self.output_dir / "gradcam_summary.json", self.summary(), default=json_default)

@@ -26,21 +26,20 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
 from monai_peft.io import atomic_save_figure, atomic_write_json, json_default
 from monai_peft.interpret._common import (
     CONV_TYPES,
+    PerCaseAnalysisHandler,
     adapter_names,
     as_batch,
     as_label,
-    batch_items,
     find_module,
     first_output,
     image_affine,
@@ -50,12 +49,6 @@ from monai_peft.interpret._common import (
     save_nifti,
     short_name,
 )
-
-if TYPE_CHECKING:
-    from ignite.engine import Engine, Events
-else:
-    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
-    Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
 logger = logging.getLogger(__name__)
 
@@ -380,7 +373,7 @@ def run_protoseg(
     return record
 
 
-class ProtoSegHandler:
+class ProtoSegHandler(PerCaseAnalysisHandler):
     """Ignite handler running :func:`run_protoseg` on the first ``max_cases`` images an evaluator sees
     and writing the mean SA per layer over them at epoch end (``protoseg_summary.json``).
 
@@ -400,6 +393,10 @@ class ProtoSegHandler:
         metric: ``"cosine"`` or ``"euclidean"``.
     """
 
+    handler_name = "ProtoSegHandler"
+    analysis_name = "ProtoSeg"
+    summary_filename = "protoseg_summary.json"
+
     def __init__(
         self,
         output_dir: str | os.PathLike,
@@ -412,46 +409,19 @@ class ProtoSegHandler:
         max_cases: int = 1,
         metric: str = "cosine",
     ) -> None:
-        if max_cases < 1:
-            raise ValueError(f"max_cases must be >= 1, got {max_cases}")
+        super().__init__(
+            output_dir, layers=layers, classes=classes, class_names=class_names, network=network,
+            image_key=image_key, label_key=label_key, max_cases=max_cases,
+        )
         if metric not in ("cosine", "euclidean"):
             raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
-        self.output_dir = Path(output_dir)
-        self.layers = None if layers is None else list(layers)
-        self.classes = None if classes is None else [int(c) for c in classes]
-        self.class_names = {int(k): str(v) for k, v in (class_names or {}).items()}
-        self.network = network
-        self.image_key, self.label_key = image_key, label_key
-        self.max_cases, self.metric = max_cases, metric
-        self.records: list[dict[str, Any]] = []
+        self.metric = metric
 
-    def attach(self, engine: Engine) -> None:
-        if not engine.has_event_handler(self, Events.ITERATION_COMPLETED):
-            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        if not engine.has_event_handler(self.write_summary, Events.EPOCH_COMPLETED):
-            engine.add_event_handler(Events.EPOCH_COMPLETED, self.write_summary)
-        if not engine.has_event_handler(self.reset, Events.EPOCH_STARTED):
-            engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
-
-    def reset(self, engine: Engine | None = None) -> None:
-        self.records = []
-
-    def __call__(self, engine: Engine) -> None:
-        if len(self.records) >= self.max_cases:
-            return
-        network = self.network if self.network is not None else getattr(engine, "network", None)
-        if network is None:
-            raise ValueError("ProtoSegHandler: no network given and the engine has no 'network' attribute")
-        for item in batch_items(engine.state.batch, self.image_key, self.label_key, "ProtoSegHandler"):
-            if len(self.records) >= self.max_cases:
-                break
-            case = f"case{len(self.records):03d}" + (f"_{item['stem']}" if item["stem"] else "")
-            record = run_protoseg(network, item["image"], item["label"], self.output_dir / case, layers=self.layers,
-                                  classes=self.classes, class_names=self.class_names, metric=self.metric,
-                                  affine=item["affine"])
-            record["case"] = case
-            self.records.append(record)
-            engine.logger.info(f"ProtoSeg of {case} written to {self.output_dir / case}")
+    def analyse_case(self, network: nn.Module, item: dict[str, Any], case_dir: Path) -> dict[str, Any]:
+        """:func:`run_protoseg` on one image and its label, written to ``case_dir``."""
+        return run_protoseg(network, item["image"], item["label"], case_dir, layers=self.layers,
+                            classes=self.classes, class_names=self.class_names, metric=self.metric,
+                            affine=item["affine"])
 
     def summary(self) -> dict[str, Any]:
         """Mean SA per layer and target over the cases."""
@@ -467,7 +437,3 @@ class ProtoSegHandler:
             "layers": [{"name": n, "adapter": kinds[n], "mean_sa": {t: float(np.mean(v)) for t, v in tv.items()}}
                        for n, tv in acc.items()],
         }
-
-    def write_summary(self, engine: Engine | None = None) -> None:
-        if self.records:
-            atomic_write_json(self.output_dir / "protoseg_summary.json", self.summary(), default=json_default)
