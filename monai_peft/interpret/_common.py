@@ -3,6 +3,8 @@ mode bookkeeping, NIfTI and slice utilities, and the per-case ignite handler ske
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import difflib
 import logging
 import os
@@ -314,7 +316,7 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "layer"
 
 
-class PerCaseAnalysisHandler:
+class PerCaseAnalysisHandler(ABC):
     """Skeleton of an ignite handler that analyses the first ``max_cases`` images an evaluator sees, one
     output folder per case, and writes a summary over them at epoch end.
 
@@ -377,6 +379,7 @@ class PerCaseAnalysisHandler:
     def reset(self, engine: Engine | None = None) -> None:
         self.records = []
 
+    @abstractmethod
     def analyse_case(self, network: nn.Module, item: dict[str, Any], case_dir: Path) -> dict[str, Any]:
         """Analyse one image and write its outputs to ``case_dir``.
 
@@ -388,11 +391,10 @@ class PerCaseAnalysisHandler:
         Returns:
             the case's record (JSON-serialisable); the handler adds its ``"case"`` name.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def summary(self) -> dict[str, Any]:
         """The summary over ``self.records`` written at epoch end."""
-        raise NotImplementedError
 
     def __call__(self, engine: Engine) -> None:
         if len(self.records) >= self.max_cases:
