@@ -3,12 +3,11 @@ mode bookkeeping, NIfTI and slice utilities, and the per-case ignite handler ske
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import difflib
 import logging
 import os
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
