@@ -148,6 +148,17 @@ def test_export_merged_matches_adapted_network(tmp_path, method):
     assert json.loads((tmp_path / "models" / "model.pt.json").read_text())["method"] == method
 
 
+def test_export_merged_refuses_a_merge_the_plain_network_cannot_load(tmp_path, caplog):
+    """SSF merged into SegResNet's bias-free convs adds bias tensors: no model.pt rather than a file ckpt_export
+    would reject or, worse, load partially."""
+    (tmp_path / "model.pt").write_bytes(b"from an earlier run")
+    model = monai_peft.adapt(_net(), "ssf", train_fully="head")
+    with caplog.at_level("WARNING"):
+        assert export_merged(model, None, tmp_path / "model.pt") is None
+    assert not (tmp_path / "model.pt").exists()
+    assert "does not fit the plain network" in caplog.text and ".bias" in caplog.text
+
+
 def test_export_merged_skips_convadapter_and_removes_stale_export(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"from an earlier run")
     model = monai_peft.adapt(_net(), "convadapter", train_fully="head")

@@ -204,6 +204,8 @@ def export_merged(network: torch.nn.Module, adapter_dir: str | Path | None, file
         if not (folder / INFO_FILE).exists() and (folder.parent / "last" / INFO_FILE).exists():
             folder = folder.parent / "last"
         load_adapter_folder(net, folder)
+    # keys of the plain network the bundle's `network_def` builds (adapters dropped, nothing merged)
+    plain_keys = set(copy.deepcopy(net).unload().state_dict()) if hasattr(net, "unload") else None
     try:
         merged = net.merge_and_unload() if hasattr(net, "merge_and_unload") else net
     except Exception as e:  # peft raises many types; the run itself succeeded, so report and ship the adapter
@@ -216,6 +218,14 @@ def export_merged(network: torch.nn.Module, adapter_dir: str | Path | None, file
                                                             "modules_to_save", "original_module"))]
     if leftovers:
         raise ValueError(f"export: merging {method} left adapter tensors in the network, e.g. {leftovers[:3]}.")
+    if plain_keys is not None and set(state) != plain_keys:
+        # e.g. SSF merged into bias-free convs adds their biases: the plain network could not load the file
+        extra, missing = sorted(set(state) - plain_keys), sorted(plain_keys - set(state))
+        _remove_stale(filepath)
+        logger.warning(f"export: the merged {method} network does not fit the plain network (extra keys "
+                       f"{extra[:3]}{'...' if len(extra) > 3 else ''}, missing {missing[:3]}); no merged network "
+                       "written, ship the adapter folder")
+        return None
     atomic_torch_save(state, filepath)
     atomic_write_json(filepath.with_suffix(filepath.suffix + ".json"),
                       {"method": method, "adapter_dir": str(adapter_dir) if adapter_dir else None,
