@@ -174,15 +174,19 @@ def test_parameter_report_counts_and_json(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- precision, loading
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("method", ["convadapter", "ssf", "lora"])
-def test_bfloat16_model_and_autocast(method):
+def test_half_precision_model_and_autocast(method, dtype):
     model, x = make("cnn2d")
-    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+    model = model.to(dtype)
     pm = monai_peft.adapt(model, method)
     adapter_dtypes = {p.dtype for p in pm.parameters() if p.requires_grad}
     assert adapter_dtypes == {torch.float32}, "peft autocasts adapter weights to float32"
-    out = pm(x.to(torch.bfloat16))
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out = pm(x.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out.float()).all()
+    assert torch.allclose(out.float(), ref, atol=0.05), "half-precision identity at init drifted"
     model32, x32 = make("cnn2d")
     pm32 = monai_peft.adapt(model32, method)
     with torch.autocast("cpu", dtype=torch.bfloat16):
