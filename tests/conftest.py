@@ -14,7 +14,8 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-TOTALSEG_EXAMPLE = SHARED_DATA / "totalsegmentator_example"
+# the real example CT/MR as the package ships them (monai_peft/data/totalseg_example)
+TOTALSEG_EXAMPLE = REPO / "monai_peft" / "data" / "totalseg_example"
 
 
 def segresnet() -> nn.Module:

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "totalsegmentator_example"
+EXAMPLE = Path(__file__).resolve().parents[1] / "monai_peft" / "data" / "totalseg_example"
 CT, SEG, CLASS_MAP = EXAMPLE / "example_ct_sm.nii.gz", EXAMPLE / "example_seg.nii.gz", EXAMPLE / "class_map.json"
 # a small SegResNet on the real CT at its 3 mm spacing, centre-cropped to 48 x 48 x 32
 CASE = ["--image", str(CT), "--label", str(SEG), "--class-map", str(CLASS_MAP), "--classes", "liver", "spleen",

@@ -28,7 +28,7 @@ from nnunet_plugin.network import build_peft_network, seg_layer_names
 from nnunet_plugin.settings import ENV_VARS, PEFTSettings, final_validation_enabled, resolve_settings, training_length
 
 REPO = Path(__file__).resolve().parents[1]
-TOTALSEG_EXAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "totalsegmentator_example"
+TOTALSEG_EXAMPLE = Path(__file__).resolve().parents[1] / "monai_peft" / "data" / "totalseg_example"
 
 warnings.filterwarnings("ignore", message="Unsupported layer type")
 

@@ -33,7 +33,7 @@ from monai_peft.data import (
     write_phantom_dataset,
 )
 
-EXAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "totalsegmentator_example"
+EXAMPLE = Path(__file__).resolve().parents[1] / "monai_peft" / "data" / "totalseg_example"
 CLASS_MAP = EXAMPLE / "class_map.json"
 
 

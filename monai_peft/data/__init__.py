@@ -12,6 +12,7 @@ from monai_peft.data.class_maps import (
     label_names,
     task_id_map,
 )
+from monai_peft.data.example import EXAMPLE_SCANS, ExampleScan, example_scan
 from monai_peft.data.phantoms import PHANTOM_ORGANS, make_phantom, write_phantom_dataset
 from monai_peft.data.splits import case_id_of, meta_split, random_split, subset_split
 from monai_peft.data.totalseg import (
@@ -29,6 +30,9 @@ from monai_peft.data.transforms import preprocess_transforms, train_transforms, 
 
 __all__ = [
     "CLASS_GROUPS",
+    "EXAMPLE_SCANS",
+    "ExampleScan",
+    "example_scan",
     "MR_ORGANS_29",
     "ORGANS_17",
     "PHANTOM_ORGANS",
