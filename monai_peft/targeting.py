@@ -14,17 +14,12 @@ from typing import Union
 from torch import nn
 
 from monai_peft.regions import _unwrap, module_in_region, regions_of
+from monai_peft.tuners.module_types import CONV_TYPES, NORM_TYPES
 
 __all__ = [
     "Selector", "ModuleType", "NameRegex", "Region", "KernelSize", "Names", "resolve_targets", "as_selector",
     "CONV_TYPES", "NORM_TYPES", "SPATIAL_CONV", "exact_names_regex",
 ]
-
-CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-    nn.GroupNorm, nn.LayerNorm, nn.SyncBatchNorm,
-)
 
 
 class Selector:

@@ -55,12 +55,7 @@ def test_any_conv_geometry(geom, config):
     model = Wrap(CONVS[geom]())
     x = torch.randn(*SHAPES[geom[:2]])
     ref = model(x)
-    cfg = config()
-    if isinstance(cfg, ConvAdapterConfig) and cfg.insertion == "sequential" and geom == "2d-k2-s2-nobias":
-        with pytest.raises(ValueError, match="odd kernel"):
-            get_peft_model(model, cfg)
-        return
-    pm = get_peft_model(model, cfg)
+    pm = get_peft_model(model, config())
     out = pm(x)
     assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-6)
     with torch.no_grad():
@@ -226,18 +221,11 @@ def test_target_matching_nothing_names_selector_and_model():
 
 
 def test_unsupported_module_types_are_named():
-    model, _ = make("basicunet")
-    with pytest.raises(TypeError, match=r"'upcat_4.upsample.deconv' \(ConvTranspose3d\)"):
-        get_peft_model(model, ConvAdapterConfig(target_modules=["upcat_4.upsample.deconv"]))
     model, _ = make("cnn2d")
+    with pytest.raises(TypeError, match=r"ConvAdapter cannot adapt 'up' \(Upsample\).*contains no Conv1d"):
+        get_peft_model(model, ConvAdapterConfig(target_modules=["up"]))
     with pytest.raises(TypeError, match=r"SSF cannot follow 'stem.2' \(ReLU\)"):
         get_peft_model(model, SSFConfig(target_modules=["stem.2"]))
-
-
-def test_gamma_that_does_not_divide_channels_names_the_module():
-    model, _ = make("segresnet")
-    with pytest.raises(ValueError, match=r"ConvAdapter on 'down_layers.0.1'.*gamma=3 does not divide the 16"):
-        monai_peft.adapt(model, "convadapter", target=["down_layers.0.1"], gamma=3)
 
 
 def test_bad_options_are_named():
