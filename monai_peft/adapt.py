@@ -20,10 +20,11 @@ from torch import nn
 from monai_peft.lora import init_lora_pca_, lora_config
 from monai_peft.regions import _unwrap, regions_of
 from monai_peft.targeting import (
-    CONV_TYPES, NORM_TYPES, SPATIAL_CONV, ModuleType, Selector, SelectorLike, as_selector, exact_names_regex,
-    resolve_targets,
+    SPATIAL_CONV, ModuleType, Selector, SelectorLike, as_selector, exact_names_regex, resolve_targets,
 )
 from monai_peft.tuners.conv_adapter import ConvAdapterConfig
+from monai_peft.tuners.frozen_norm import keep_frozen_batchnorm_statistics
+from monai_peft.tuners.module_types import CONV_TYPES, NORM_TYPES
 from monai_peft.tuners.ssf import SSFConfig
 from monai_peft.tuners.ssf.layer import SUPPORTED_TYPES as SSF_TYPES
 
@@ -73,8 +74,8 @@ def default_targets(model: nn.Module, method: str) -> Selector:
     """The selector :func:`adapt` uses when ``target`` is not given.
 
     - ``convadapter``: residual blocks (:data:`RESIDUAL_BLOCK_TYPES`) in encoder + decoder (thesis Table 5.3,
-      best SegResNet placement); spatial (k > 1) convs there if the network has no such blocks (thesis Table 5.4,
-      UNet "LUConvs parallel"); modules whose channels ``gamma`` does not divide (a 1-channel input conv) are skipped;
+      best SegResNet placement); spatial (k > 1) convs there, the 1-channel input conv included, if the network has
+      no such blocks (thesis Table 5.4, UNet "LUConvs parallel");
     - ``lora``: spatial convs in encoder + decoder (1x1 convs excluded, see :mod:`monai_peft.lora`);
     - ``ssf``: convs, norms and linear layers in encoder + decoder;
     - ``bitfit``: every conv/norm/linear layer that has a bias, anywhere;
@@ -129,24 +130,6 @@ def _expand_containers(model: nn.Module, names: list[str]) -> list[str]:
     return out
 
 
-def _divisible_by_gamma(model: nn.Module, names: list[str], kwargs: dict) -> list[str]:
-    """Default ConvAdapter targets whose channels the compression factor divides (e.g. not a 1-channel input conv)."""
-    from monai_peft.tuners.conv_adapter.layer import block_geometry, conv_geometry
-
-    gamma = int(kwargs.get("gamma", ConvAdapterConfig.gamma))
-    parallel = kwargs.get("insertion", ConvAdapterConfig.insertion) == "parallel"
-    modules = dict(model.named_modules())
-    kept = []
-    for name in names:
-        m = modules[name]
-        g = conv_geometry(m) if isinstance(m, CONV_TYPES) else block_geometry(m)
-        if (g.in_channels if parallel else g.out_channels) % gamma == 0:
-            kept.append(name)
-    if not kept:
-        raise ValueError(f"no default ConvAdapter target of {type(model).__name__} has channels divisible by gamma={gamma}.")
-    return kept
-
-
 def adapt(
     model: nn.Module,
     method: str,
@@ -178,9 +161,14 @@ def adapt(
         a ``peft.PeftModel`` (``print_trainable_parameters()``, ``save_pretrained()``, ``merge_and_unload()`` for
         LoRA/SSF/BitFit, ...).
 
+    Frozen batch norms normalise with their running statistics also while training and do not update them
+    (:mod:`monai_peft.tuners.frozen_norm`), so base checkpoint + adapter file give back exactly the trained network.
+
     Raises:
         ValueError: unknown method, a target or ``train_fully`` that matches nothing, or bad method options (the
             message names the module or argument).
+        TypeError: a target that cannot take the method (e.g. a module without convs for ConvAdapter); no module
+            is wrapped then.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
@@ -210,8 +198,6 @@ def adapt(
             to_save = None
 
     init_pca = bool(method_kwargs.pop("init_pca", False))
-    if method == "convadapter" and target is None:
-        targets = _divisible_by_gamma(base, targets, method_kwargs)
     if method == "convadapter":
         config = ConvAdapterConfig(target_modules=exact_names_regex(targets), modules_to_save=to_save, **method_kwargs)
     elif method == "lora":
@@ -240,4 +226,5 @@ def adapt(
             peft_model = get_peft_model(model, config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     if init_pca:
         init_lora_pca_(peft_model, adapter_name)
+    keep_frozen_batchnorm_statistics(peft_model)  # see monai_peft.tuners.frozen_norm: the adapter file is complete
     return peft_model
