@@ -271,3 +271,31 @@ def test_float16_on_cuda(method):
     with pm.disable_adapter(), torch.no_grad():
         base_out = pm(x.half().cuda())
     assert torch.allclose(out, base_out, atol=1e-3)
+
+
+def test_frozen_batchnorm_uses_running_statistics_trained_copies_do_not():
+    from monai_peft.tuners.frozen_norm import keep_frozen_batchnorm_statistics
+
+    model, x = make("cnn2d")
+    pm = monai_peft.adapt(model, "convadapter", target=["enc1", "enc2"], train_fully="dec1")
+    base = pm.get_base_model()
+    frozen_bn = base.enc1.base_layer.bn1
+    frozen_before = frozen_bn.running_mean.clone()
+    copy_bn = base.dec1.modules_to_save["default"].bn1
+    copy_before = copy_bn.running_mean.clone()
+    pm.train()
+    with torch.no_grad():
+        y_train = pm(x)
+    assert torch.equal(frozen_bn.running_mean, frozen_before)  # frozen: eval statistics, not updated
+    assert not torch.equal(copy_bn.running_mean, copy_before)  # trained copy: PyTorch's usual behaviour
+    assert frozen_bn.training
+    assert keep_frozen_batchnorm_statistics(pm) == 0  # idempotent
+    pm.eval()
+    base.dec1.modules_to_save["default"].train()  # only the trained copy differs between modes now
+    with torch.no_grad():
+        assert torch.allclose(pm(x), y_train, atol=1e-6)
+    assert keep_frozen_batchnorm_statistics(pm, enabled=False) > 0
+    pm.train()
+    with torch.no_grad():
+        pm(x)
+    assert not torch.equal(frozen_bn.running_mean, frozen_before)
