@@ -2,7 +2,7 @@
 
 Examples::
 
-    monai-peft report --network segresnet --method convadapter --adapter-conv full
+    monai-peft report --network segresnet --method convadapter --adapter-conv dense
     monai-peft report --network segresnet --method lora --r dynamic --train-fully decoder --json
 """
 
@@ -12,6 +12,7 @@ import argparse
 import json
 
 from monai_peft.adapt import METHODS
+from monai_peft.tuners.conv_adapter.config import ADAPTER_CONVS
 
 NETWORKS = ("segresnet", "basicunet")
 
@@ -32,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-fully", default=None, help="region trained fully besides the adapters")
     parser.add_argument("--r", default=None, help="LoRA rank (int or 'dynamic')")
     parser.add_argument("--gamma", type=int, default=None, help="ConvAdapter compression factor")
-    parser.add_argument("--adapter-conv", choices=("depthwise", "full"), default=None)
+    parser.add_argument("--adapter-conv", choices=ADAPTER_CONVS, default=None,
+                        help="ConvAdapter down-projection: depthwise (the paper's, default) or dense")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
