@@ -150,7 +150,7 @@ def adapter_targets(network: nn.Module, method: str, settings: PEFTSettings) -> 
             if isinstance(module, convs) and any(k > 1 for k in module.kernel_size):
                 names.append(name)
         elif method == "ssf":
-            if isinstance(module, CONV_TYPES + NORM_TYPES) and (not isinstance(module, NORM_TYPES) or _has_affine(module)):
+            if isinstance(module, CONV_TYPES) or isinstance(module, NORM_TYPES) and _has_affine(module):
                 names.append(name)
         else:
             raise ValueError(f"adapter_targets: method must be convadapter, lora or ssf, got {method!r}.")

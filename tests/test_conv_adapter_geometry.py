@@ -42,7 +42,8 @@ def _grid():
         grouped = i % 3 == 1
         yield dict(
             dims=dims, transposed=transposed, k=k, stride=stride, dilation=dilation, padding=padding,
-            c_in=c_in, c_out=c_in * (1 + i % 2) if grouped else CHANNELS[(i * 5 + 3) % 8], groups=c_in if grouped else 1,
+            c_in=c_in, c_out=c_in * (1 + i % 2) if grouped else CHANNELS[(i * 5 + 3) % 8],
+            groups=c_in if grouped else 1,
             padding_mode=PADDING_MODES[i % 4] if padding != "zero" and not transposed else "zeros",
             output_padding=(i % 2) if transposed and stride == 2 else 0,
             insertion=("parallel", "sequential")[i % 5 % 2], adapter_conv=("depthwise", "dense")[i % 7 % 2],

@@ -146,4 +146,5 @@ def test_frozen_batchnorm_base_checkpoint_plus_adapter_reproduces_the_trained_un
     pm.train()
     with torch.no_grad():
         pm(x)
-    assert not torch.equal(pm.get_base_model().down_tr64.ops[0].bn1.running_mean, stats["down_tr64.ops.0.bn1.running_mean"])
+    bn = pm.get_base_model().down_tr64.ops[0].bn1
+    assert not torch.equal(bn.running_mean, stats["down_tr64.ops.0.bn1.running_mean"])

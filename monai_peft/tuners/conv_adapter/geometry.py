@@ -206,7 +206,7 @@ def module_geometry(module: nn.Module) -> AdapterGeometry:
 
 
 def _solve_padding(base: ConvSpec, kernel: tuple[int, ...]) -> ConvSpec:
-    """``base`` with kernel ``kernel`` (dilation 1) and the padding that keeps ``base``'s output size for every input."""
+    """``base`` with kernel ``kernel`` (dilation 1) and the padding that keeps its output size for every input."""
     n = len(kernel)
     if base.transposed:  # out = (n-1)s - 2p + (k-1) + op + 1, with 0 <= op < s
         pads, ops = [], []
@@ -275,7 +275,10 @@ def build_down_projection(
     else:
         kernel = (int(kernel_size),) * n
         try:
-            spec = _block_spec_with_kernel(geometry, kernel) if geometry.is_block else _solve_padding(geometry.parallel, kernel)
+            if geometry.is_block:
+                spec = _block_spec_with_kernel(geometry, kernel)
+            else:
+                spec = _solve_padding(geometry.parallel, kernel)
         except ValueError as e:
             raise ValueError(f"ConvAdapterConfig.kernel_size={kernel_size}: {e}; leave kernel_size=None.") from e
     if insertion == "parallel" and geometry.is_block:

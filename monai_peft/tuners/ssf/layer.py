@@ -130,7 +130,7 @@ class SSFLayer(NonWeightBaseLayerMixin, BaseTunerLayer):
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Fold adapters into the layer: ``W' = s * W``, ``b' = s * (b - T) + T + t`` with ``T`` the shifts merged before.
+        """Fold adapters into the layer: ``W' = s * W``, ``b' = s * (b - T) + T + t`` (``T``: shifts merged before).
 
         The new tensors are computed apart from the layer (in float32) and written only when complete; with
         ``safe_merge=True`` they are first checked to be finite. A layer without bias gains one (a norm without affine
