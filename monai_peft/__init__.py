@@ -1,11 +1,19 @@
 """monai-peft: parameter-efficient fine-tuning (ConvAdapter, LoRA, SSF, selective baselines) for MONAI and nnU-Net.
 
-Importing this package registers ConvAdapter and SSF as peft methods, so ``peft.get_peft_model``,
-``save_pretrained`` and ``PeftModel.from_pretrained`` work with :class:`ConvAdapterConfig` and :class:`SSFConfig`.
+Importing this package checks the installed peft against the supported range (an ``ImportError`` names both), patches
+the LoRA bugs of that peft release (``monai_peft._peft_compat.PEFT_WORKAROUNDS``) and registers ConvAdapter and SSF
+as peft methods, so ``peft.get_peft_model``, ``save_pretrained`` and ``PeftModel.from_pretrained`` work with
+:class:`ConvAdapterConfig` and :class:`SSFConfig`.
 """
 
-from monai_peft._peft_compat import register_monai_peft_methods as _register
+from monai_peft._peft_compat import check_peft_version as _check_peft_version
 
+_check_peft_version()
+
+from monai_peft._peft_compat import apply_peft_workarounds as _apply_peft_workarounds  # noqa: E402
+from monai_peft._peft_compat import register_monai_peft_methods as _register  # noqa: E402
+
+_apply_peft_workarounds()
 _register()
 
 from monai_peft.adapt import METHODS, adapt, default_targets  # noqa: E402
