@@ -76,7 +76,8 @@ def default_targets(model: nn.Module, method: str) -> Selector:
     - ``convadapter``: residual blocks (:data:`RESIDUAL_BLOCK_TYPES`) in encoder + decoder (thesis Table 5.3,
       best SegResNet placement); spatial (k > 1) convs there, the 1-channel input conv included, if the network has
       no such blocks (thesis Table 5.4, UNet "LUConvs parallel");
-    - ``lora``: spatial convs in encoder + decoder (1x1 convs excluded, see :mod:`monai_peft.lora`);
+    - ``lora``: convs (1x1 included) in encoder + decoder; peft 0.21's merge into 1x1x1 convs is patched by
+      :mod:`monai_peft._peft_compat`;
     - ``ssf``: convs, norms and linear layers in encoder + decoder;
     - ``bitfit``: every conv/norm/linear layer that has a bias, anywhere;
     - ``norm``: every norm layer; ``head``: the head region; ``decoder``: decoder + head; ``full``: everything.
@@ -92,7 +93,7 @@ def default_targets(model: nn.Module, method: str) -> Selector:
         except ValueError:
             return _backbone(model) & SPATIAL_CONV
     if method == "lora":
-        return _backbone(model) & SPATIAL_CONV
+        return _backbone(model) & ModuleType(*CONV_TYPES)
     if method == "ssf":
         return _backbone(model) & ModuleType(*CONV_TYPES, *NORM_TYPES, nn.Linear)
     if method == "bitfit":
@@ -154,7 +155,8 @@ def adapt(
         adapter_name: the peft adapter name.
         low_cpu_mem_usage: create adapter weights on the meta device (for loading saved adapters fast).
         method_kwargs: method options: ConvAdapter ``gamma``, ``insertion``, ``adapter_conv``, ``kernel_size``,
-            ``activation``; LoRA ``r`` (int or ``"dynamic"``), ``lora_alpha``, ``lora_dropout``, ``init_pca``;
+            ``activation``; LoRA ``r`` (int or ``"dynamic"``), ``lora_alpha``, ``lora_dropout``, ``init_pca``, ``fused``
+            (``True``: each conv trains as one conv with the merged kernel; needs ``lora_dropout=0``);
             SSF ``scale``, ``shift``.
 
     Returns:

@@ -120,7 +120,7 @@ def adapter_targets(network: nn.Module, method: str, settings: PEFTSettings) -> 
     - ``convadapter`` ``conv-*``: every spatial (kernel > 1) conv and transposed conv, the stem included (any
       channel count takes an adapter, see ``monai_peft.ConvAdapterConfig``); ``residual-*``: every conv block
       (``StackedConvBlocks`` of plain stages and the decoder, ``BasicBlockD`` / ``BottleneckD`` of residual stages).
-    - ``lora``: every spatial conv (peft cannot merge LoRA into 1x1 convs, see ``monai_peft.lora``).
+    - ``lora``: every conv, 1x1 included (peft has no LoRA for transposed convs).
     - ``ssf``: every conv and norm layer (scale/shift after each, thesis 3.2.3).
 
     Args:
@@ -145,9 +145,11 @@ def adapter_targets(network: nn.Module, method: str, settings: PEFTSettings) -> 
                 # plain stages and the decoder are StackedConvBlocks; residual stages hold BasicBlockDs instead
                 if not any(isinstance(m, (BasicBlockD, BottleneckD)) for m in module.modules()):
                     names.append(name)
-        elif method in ("convadapter", "lora"):
-            convs = ANY_CONV_TYPES if method == "convadapter" else CONV_TYPES  # peft's LoRA has no ConvTranspose
-            if isinstance(module, convs) and any(k > 1 for k in module.kernel_size):
+        elif method == "convadapter":
+            if isinstance(module, ANY_CONV_TYPES) and any(k > 1 for k in module.kernel_size):
+                names.append(name)
+        elif method == "lora":
+            if isinstance(module, CONV_TYPES):  # peft's LoRA has no ConvTranspose
                 names.append(name)
         elif method == "ssf":
             if isinstance(module, CONV_TYPES) or isinstance(module, NORM_TYPES) and _has_affine(module):
@@ -295,7 +297,7 @@ def build_suprem_peft_network(network: nn.Module, method: str, settings: PEFTSet
             target = resolve_targets(network, regions & blocks, outermost=True)
             kwargs = {"gamma": settings.gamma, "insertion": settings.placement.split("-")[1]}
         elif method == "lora":
-            target, kwargs = regions & SPATIAL_CONV, {"r": settings.rank}
+            target, kwargs = regions & ModuleType(nn.Conv1d, nn.Conv2d, nn.Conv3d), {"r": settings.rank}
         elif method == "ssf":
             target = resolve_targets(network, regions & ModuleType(nn.Conv3d, nn.GroupNorm, nn.InstanceNorm3d,
                                                                    nn.BatchNorm3d))
