@@ -23,6 +23,8 @@ from monai_peft.report import ParameterReport, parameter_report  # noqa: E402
 from monai_peft.targeting import KernelSize, ModuleType, Names, NameRegex, Region, resolve_targets  # noqa: E402
 from monai_peft.tuners.conv_adapter import ConvAdapterConfig, ConvAdapterModel  # noqa: E402
 from monai_peft.tuners.ssf import SSFConfig, SSFModel  # noqa: E402
+from monai_peft.tuners.bottleneck import BottleneckAdapterConfig, BottleneckAdapterModel  # noqa: E402
+from monai_peft.tuners.vpt import VPTConfig, VPTModel  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -30,4 +32,5 @@ __all__ = [
     "ConvAdapterConfig", "ConvAdapterModel", "SSFConfig", "SSFModel", "adapt", "METHODS", "default_targets",
     "lora_config", "init_lora_pca_", "Region", "ModuleType", "NameRegex", "Names", "KernelSize", "resolve_targets",
     "register_regions", "regions_of", "parameter_report", "ParameterReport",
+    "VPTConfig", "VPTModel", "BottleneckAdapterConfig", "BottleneckAdapterModel",
 ]

@@ -11,6 +11,7 @@ Examples::
     monai-peft echo predict --backbone runs/echo/backbone --adapters runs/echo/adapters/{segmentation,view,volume,age} \
         --camus data/camus --out runs/echo/pred --plot study.png
     monai-peft echo demo --out runs/echo_demo                             # all of the above on phantoms
+    monai-peft echo compare --out runs/echo_compare                       # LoRA vs VPT vs adapters vs ..., phantoms
 """
 
 from __future__ import annotations
@@ -71,6 +72,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=64, help="network input side; default 64")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="narrow MiT-B0 (seconds on a laptop CPU)")
+
+    p = sub.add_parser("compare", help="LoRA vs VPT vs bottleneck adapters vs BitFit vs head-only vs full fine-tuning")
+    p.add_argument("--out", required=True, help="writes OUT/comparison.json and OUT/comparison.png")
+    p.add_argument("--camus", default=None, help="CAMUS folder; default: a phantom in OUT/data/camus")
+    p.add_argument("--echonet", default=None, help="EchoNet folder to pretrain on; default: a phantom")
+    p.add_argument("--backbone", default=None, help="pretrained backbone folder; default: pretrain on --echonet")
+    p.add_argument("--tasks", nargs="+", default=["segmentation"], help="segmentation (default), view, volume, age")
+    p.add_argument("--methods", nargs="+", default=None, help="default: lora vpt-shallow vpt-deep houlsby parallel "
+                   "bitfit head full")
+    p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
+                   help="replace a method's learning-rate grid, e.g. --lr lora=1e-3,3e-3")
+    p.add_argument("--size", type=int, default=64, help="input side; default 64")
+    p.add_argument("--epochs", type=int, default=8, help="epochs per run; default 8")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--pretrain-epochs", type=int, default=6, help="pretext epochs when pretraining here; default 6")
+    p.add_argument("--mit-b0", action="store_true", help="pretrain full-width MiT-B0 instead of the narrow one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--fast", action="store_true", help="seconds-long smoke run: 32-pixel inputs, 1 epoch, one lr")
 
 
 def _train_args(p: argparse.ArgumentParser, lr: float) -> None:
@@ -162,6 +182,29 @@ def _demo(args: argparse.Namespace) -> int:
     write_json(summary, out / "demo_summary.json")
     print(json.dumps(summary, indent=2, default=float))
     print(f"wrote {out / 'demo_summary.json'}, {out / 'predictions' / 'predictions.json'}, {out / 'study.png'}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from monai_peft.echo.compare import FAST_LRS, CompareSettings, comparison_table, fast_settings, run_comparison
+
+    lrs = {}
+    for item in args.lr:
+        method, _, values = item.partition("=")
+        try:
+            lrs[method] = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise ValueError(f"--lr {item!r}: expected METHOD=LR[,LR...], e.g. lora=1e-3,3e-3.") from None
+    common = dict(camus=args.camus, echonet=args.echonet, backbone=args.backbone, seed=args.seed,
+                  device=args.device, tiny=not args.mit_b0)
+    if args.fast:
+        settings, lrs = fast_settings(args.out, **common), {**FAST_LRS, **lrs}
+    else:
+        settings = CompareSettings(out=args.out, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
+                                   pretrain_epochs=args.pretrain_epochs, progress=True, **common)
+    result = run_comparison(settings, args.tasks, args.methods, lrs)
+    print(comparison_table(result))
+    print(f"wrote {Path(args.out) / 'comparison.json'}, {Path(args.out) / 'comparison.png'}")
     return 0
 
 
