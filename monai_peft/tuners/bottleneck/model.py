@@ -7,8 +7,7 @@ from typing import Optional
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from monai_peft.targeting import exact_names_regex
-from monai_peft.tuners._common import ReplaceModuleMixin, StrictLoadMixin
+from monai_peft.tuners._common import AtomicInjectMixin, ReplaceModuleMixin, StrictLoadMixin, exact_names_regex
 from monai_peft.tuners.transformer_blocks import FAMILIES, family_of, find_blocks, token_width, unwrap
 
 from .config import BottleneckAdapterConfig
@@ -36,7 +35,7 @@ def default_bottleneck_targets(model: nn.Module, insertion: str = "sequential") 
     return [f"{name}.{fam.branch(insertion, which)}" for name, _, fam in blocks for which in ("attention", "mlp")]
 
 
-class BottleneckAdapterModel(ReplaceModuleMixin, StrictLoadMixin, BaseTuner):
+class BottleneckAdapterModel(AtomicInjectMixin, ReplaceModuleMixin, StrictLoadMixin, BaseTuner):
     """Houlsby (sequential) or parallel bottleneck adapters in the transformer blocks of a model.
 
     Use through peft: ``peft.get_peft_model(model, BottleneckAdapterConfig())``; lecture 003 ("Adaptor").

@@ -7,8 +7,7 @@ from collections import defaultdict
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
-from monai_peft.targeting import exact_names_regex
-from monai_peft.tuners._common import ReplaceModuleMixin, StrictLoadMixin
+from monai_peft.tuners._common import AtomicInjectMixin, ReplaceModuleMixin, StrictLoadMixin, exact_names_regex
 from monai_peft.tuners.transformer_blocks import (BlockFamily, FAMILIES, import_class, family_of, find_blocks,
                                                   token_width, unwrap)
 
@@ -85,7 +84,7 @@ def _group(key: str) -> str:
     return key
 
 
-class VPTModel(ReplaceModuleMixin, StrictLoadMixin, BaseTuner):
+class VPTModel(AtomicInjectMixin, ReplaceModuleMixin, StrictLoadMixin, BaseTuner):
     """Visual prompts in the transformer blocks of a model (Jia et al. 2022; lecture 003).
 
     Use through peft: ``peft.get_peft_model(model, VPTConfig(variant="deep"))``.
