@@ -112,7 +112,8 @@ def test_video_cli_commands(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["train_loss"][0] > 0
     ckpt = tmp_path / "pre" / "checkpoint"
     assert main(["echo", "video-train", "--checkpoint", str(ckpt), "--echonet", str(data), "--out",
-                 str(tmp_path / "lp"), "--method", "head", "--epochs", "1", "--clips", "2", *clip]) == 0
+                 str(tmp_path / "lp"), "--method", "head", "--epochs", "1", "--clips", "2", "--accumulation-steps", "2",
+                 *clip]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["method"] == "head" and out["test"]["all"]["n"] == 2
     assert out["parameters"]["trainable"] == 2 * 32 + 32 + 1  # LayerNorm + linear of the 32-wide head: a linear probe

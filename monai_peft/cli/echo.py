@@ -7,11 +7,13 @@ Examples::
     monai-peft echo quality --camus data/camus --out quality.json          # Simpson / EF self-check
     monai-peft echo pretrain --echonet data/echonet --out runs/echo --epochs 20
     monai-peft echo presets                                               # Tables I-IV configurations
-    monai-peft echo train --backbone runs/echo/backbone --camus data/camus --task view --out runs/echo/adapters
-    monai-peft echo train --backbone runs/echo/backbone --camus data/camus --task view --preset view-b0-head-only \
-        --out runs/echo/baselines
-    monai-peft echo table --runs runs/echo/adapters runs/echo/baselines --out tables.md
-    monai-peft echo predict --backbone runs/echo/backbone --adapters runs/echo/adapters/{segmentation,view,volume,age} \
+    monai-peft echo train --backbone runs/echo/backbone --camus data/camus --task view --out runs/echo/runs   # best row
+    monai-peft echo train --backbone runs/echo/backbone --camus data/camus --task view --preset view-b0-head \
+        --out runs/echo/runs                                              # "fully train adapter head", no LoRA
+    monai-peft echo table --runs runs/echo/runs --out tables.md           # Tables I-IV layout, paper beside
+    monai-peft echo train --backbone runs/echo/backbone --camus data/camus --task view \
+        --preset view-b0-backbone-all-r2 --out runs/echo/adapters         # a "backbone of" adapter for predict
+    monai-peft echo predict --backbone runs/echo/backbone --adapters runs/echo/adapters/*/adapter \
         --camus data/camus --out runs/echo/pred --plot study.png
     monai-peft echo demo --out runs/echo_demo                             # the Segformer steps on phantoms
     monai-peft echo video-pretrain --echonet data/echonet --out runs/video # VideoMAE, 90% tube masking
@@ -252,9 +254,9 @@ def _demo(args: argparse.Namespace) -> int:
     for task in TASK_NAMES:
         m = train_adapter(out / "backbone", out / "data" / "camus", task, out / "adapters", "all", 2, args.epochs, 8,
                           1e-3, None, args.size, None if task == "segmentation" else SMALL_HEAD)
-        summary[task] = {k: m.get(k) for k in ("trainable_params", "total_params", "test", "seconds")}
-    report = infer_camus(out / "backbone", [out / "adapters" / t for t in TASK_NAMES], out / "data" / "camus",
-                         out / "predictions")
+        summary[task] = {k: m.get(k) for k in ("parameters", "test", "train_seconds")}
+    report = infer_camus(out / "backbone", [out / "adapters" / t / "adapter" for t in TASK_NAMES],
+                         out / "data" / "camus", out / "predictions")
     plot_study(report, out / "data" / "camus", out / "predictions", out / "study.png")
     summary["seconds"] = time.time() - t0
     from monai_peft.echo import write_json
@@ -404,11 +406,13 @@ def plot_study(report: dict, camus_root: str | os.PathLike, pred_dir: str | os.P
         ax.set_title(title)
         ax.axis("off")
     lines = [f"{name}  dataset: EDV {entry['dataset']['EDV']}, ESV {entry['dataset']['ESV']}, EF {entry['dataset']['EF']}"]
+    def num(x) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
     for k in ("volume_adapter", "simpson"):
-        if k in entry and entry[k]["EDV"] is not None:
+        if k in entry:
             v = entry[k]
-            ef = f"{v['EF']:.1f}" if v["EF"] is not None else "-"
-            lines.append(f"{k}: EDV {v['EDV']:.1f} ml, ESV {v['ESV']:.1f} ml, EF {ef}%")
+            lines.append(f"{k}: EDV {num(v['EDV'])} ml, ESV {num(v['ESV'])} ml, EF {num(v['EF'])}%")
     fig.suptitle("\n".join(lines), fontsize=9)
     fig.tight_layout()
     try:

@@ -41,6 +41,8 @@ def _as_batch(items: Any, key: str) -> Any:
     values = [it.get(key) for it in items]
     if values and isinstance(values[0], torch.Tensor):
         return torch.stack([torch.as_tensor(v) for v in values])
+    if values and isinstance(values[0], (int, float, np.number)) and not isinstance(values[0], bool):
+        return torch.as_tensor(values)  # decollating turns 0-dim tensors (class labels) into numbers
     return values
 
 

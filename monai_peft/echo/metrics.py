@@ -32,12 +32,14 @@ def regression_metrics(pred: torch.Tensor | Sequence[float], target: torch.Tenso
     Returns:
         ``{"mae", "rmse", "r2", "n"}``; ``r2`` is None with fewer than two cases or constant targets.
     """
-    p = torch.as_tensor(pred, dtype=torch.float64).reshape(len(pred), -1)
-    t = torch.as_tensor(target, dtype=torch.float64).reshape(len(target), -1)
+    if len(pred) != len(target):
+        raise ValueError(f"regression_metrics: {len(pred)} predictions for {len(target)} targets.")
+    if len(pred) == 0:
+        return {"mae": None, "rmse": None, "r2": None, "n": 0}
+    p = torch.as_tensor(np.asarray(pred, dtype=np.float64)).reshape(len(pred), -1)
+    t = torch.as_tensor(np.asarray(target, dtype=np.float64)).reshape(len(target), -1)
     if p.shape != t.shape:
         raise ValueError(f"regression_metrics: pred {tuple(p.shape)} and target {tuple(t.shape)} differ in shape.")
-    if len(p) == 0:
-        return {"mae": None, "rmse": None, "r2": None, "n": 0}
     mae, mse = MAEMetric(), MSEMetric()
     mae(p, t)
     mse(p, t)

@@ -106,7 +106,7 @@ def echo_tables(records: Sequence[dict]) -> dict[str, dict]:
             if regression:
                 cells.append(_num(r["r2"], ".2f"))
             cells += [_pair(r["trainable"], p["trainable"], ","), _pair(r["total"], p["total"], ","),
-                      _pair(r["minutes"], p["minutes"], ".1f")]
+                      _pair(r["minutes"], p["minutes"], ".2f")]
             lines.append("| " + " | ".join(cells) + " |")
         out[table] = {"task": task, "rows": rows, "markdown": "\n".join(lines)}
     return out

@@ -41,8 +41,9 @@ logger = logging.getLogger(__name__)
 
 EF_MODEL_FILE = "ef_model.json"
 
-# Learning rate and options per method, measured on held-out phantom videos (``monai-peft echo video-demo``: a
-# 2-layer VideoMAE after 150 epochs of MAE pretraining, 30 fine-tuning epochs; test EF MAE, training mean 9.8):
+# Learning rate and options per method, measured on held-out phantom videos (``monai-peft echo video-demo`` setting,
+# phantom seed 3: a 2-layer VideoMAE after 150 epochs of MAE pretraining, 30 fine-tuning epochs; test EF MAE,
+# training mean 9.8; docs/echo.md "Video EF" has the seed-0 comparison):
 # LoRA r=8 1e-3 / 3e-3 / 1e-2 -> 9.2 / 5.2 / 4.6; full 3e-4 / 1e-3 / 3e-3 -> 9.6 / 3.6 / 1.4; linear probe 1e-2 / 1e-1
 # -> 9.6 / 9.6. Full fine-tuning takes 1e-3, not its phantom optimum 3e-3, which is far above what VideoMAE-base
 # fine-tuning tolerates; the adapters keep their 10x (an adapter at full fine-tuning's rate looks broken).
