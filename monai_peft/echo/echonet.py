@@ -1,5 +1,8 @@
 """EchoNet-Dynamic reader: ``FileList.csv``, ``VolumeTracings.csv`` -> ED/ES LV masks, AVI videos (OpenCV).
 
+Videos are decoded with OpenCV (``opencv-python-headless``): torchvision 0.29's ``torchvision.io`` no longer reads
+video and PyAV is not a dependency.
+
 Each traced frame has a long-axis line followed by chords across the LV; the mask is the polygon through
 the chord end points (as in the EchoNet-Dynamic reference code). Of the two traced frames of a video the
 one with the larger LV area is end-diastole, the smaller end-systole. These ED/ES frames are the pretext

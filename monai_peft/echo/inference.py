@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.engines import SupervisedEvaluator
-from monai.utils import optional_import
+from torch.utils.data import DataLoader
 
 from monai_peft.handlers import CostMeter, ParameterReportHandler
 from monai_peft.io import atomic_path
@@ -28,8 +28,6 @@ from .multitask import load_backbone, load_pretrained_task_model
 from .predictor import EchoPredictor
 from .tasks import get_task
 from .training import write_json
-
-DataLoader, _ = optional_import("torch.utils.data", name="DataLoader")
 
 __all__ = ["infer_camus", "infer_echonet_lv", "write_mask", "run_frames"]
 

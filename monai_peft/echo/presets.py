@@ -170,7 +170,8 @@ _ROWS = [
 ]
 
 ECHO_PRESETS: dict[str, EchoPreset] = {p.name: p for p in _ROWS}
-assert len(ECHO_PRESETS) == len(_ROWS), "preset names must be unique"
+if len(ECHO_PRESETS) != len(_ROWS):  # two rows would share a name
+    raise RuntimeError(f"echo presets: duplicate names among {[p.name for p in _ROWS]}.")
 
 
 def get_preset(name: str) -> EchoPreset:

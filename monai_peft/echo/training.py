@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import LrScheduleHandler
 from monai.utils import optional_import
@@ -36,7 +37,6 @@ from .presets import EchoPreset
 from .tasks import TaskSpec, get_task
 
 ProgressBar, has_progress_bar = optional_import("ignite.contrib.handlers", name="ProgressBar")
-DataLoader, _ = optional_import("torch.utils.data", name="DataLoader")
 
 __all__ = ["fit", "evaluate", "pretrain", "train_adapter", "train_preset", "write_json"]
 
@@ -190,8 +190,9 @@ def train_preset(preset: EchoPreset, backbone_dir: str | os.PathLike, camus_root
     bad = sorted(set(overrides) - {"layers", "rank", "lr", "lr_min", "epochs", "batch_size", "head_kwargs", "dropout"})
     if bad:
         raise ValueError(f"train_preset: unknown override(s) {bad}.")
-    if overrides.get("layers") is not None and preset.layers is None:
-        raise ValueError(f"preset {preset.name!r} ({preset.experiment}) has no LoRA; 'layers' does not apply.")
+    for key in ("layers", "rank"):
+        if overrides.get(key) is not None and preset.layers is None:
+            raise ValueError(f"preset {preset.name!r} ({preset.experiment}) has no LoRA; {key!r} does not apply.")
     p = replace(preset, **overrides)
     variant = load_backbone(backbone_dir)[1].get("variant", "b0")
     if variant != p.variant:

@@ -27,7 +27,7 @@ from monai.utils import set_determinism
 
 from monai_peft.handlers import load_adapter_folder
 from monai_peft.io import atomic_write_json
-from monai_peft.workflows.records import read_run_record
+from monai_peft.workflows.records import read_run_record, update_run_record
 
 from .data import echonet_video_datalist, video_datalist, video_transforms
 from .engines import build_ef_evaluator, build_ef_trainer
@@ -147,8 +147,6 @@ def pretrain_video(echonet_root: str | os.PathLike, out_dir: str | os.PathLike, 
     t0 = time.time()
     trainer.run()
     save_videomae_checkpoint(net.cpu(), out / "checkpoint")
-    from monai_peft.workflows.records import update_run_record
-
     return update_run_record(out / "results.json", {"train_loss": trainer.loss_history.history,
                                                     "seconds": time.time() - t0, "checkpoint": "checkpoint"})
 
@@ -212,8 +210,6 @@ def finetune_video_ef(checkpoint: str | os.PathLike, echonet_root: str | os.Path
                                progress=progress, log_stats=log_stats)
     t0 = time.time()
     trainer.run()
-    from monai_peft.workflows.records import update_run_record
-
     update_run_record(record, {"train_loss": trainer.loss_history.history, "train_seconds": time.time() - t0})
     best = out / "adapter" / ("best" if evaluator is not None else "last")
     if test_split is not None:
