@@ -87,7 +87,7 @@ def test_modality_of_class_groups_and_folders(folders):
     assert resolve_modality("organs", folders / "ct") == "ct" and resolve_modality("vertebrae") == "ct"
     with pytest.raises(ValueError, match=r"--classes 'organs' is a CT class group but --dataset_dir .*mr holds MR"):
         resolve_modality("organs", folders / "mr")
-    with pytest.raises(ValueError, match=r"'mr_organs' is a MR class group but --dataset_dir .*ct holds CT"):
+    with pytest.raises(ValueError, match=r"'mr_organs' is an MR class group but --dataset_dir .*ct holds CT"):
         bundle_datalist(folders / "ct", "mr_organs", "train")
     with pytest.raises(ValueError, match="--modality 'ct' contradicts --classes 'mr_organs'"):
         resolve_modality("mr_organs", modality="ct")

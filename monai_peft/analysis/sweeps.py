@@ -196,7 +196,7 @@ def task_datasets(tasks: Sequence[str], datasets: Mapping[str, str | Path]) -> d
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"sweep task {task!r}: dataset folder {folder} does not exist")
         resolve_modality(SWEEP_TASKS[task], folder)  # CT classes on an MR folder (or the reverse) fail here
-        out[task] = str(folder)
+        out[task] = str(Path(folder).absolute())  # sweep.sh may run from another folder
     if missing:
         hints = ", ".join(f"--dataset {t}=FOLDER (or {group_modality(SWEEP_TASKS[t]) or 'ct'}=FOLDER)" for t in missing)
         raise ValueError(f"sweep tasks {missing} have no dataset folder: give {hints}")

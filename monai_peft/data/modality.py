@@ -81,7 +81,8 @@ def resolve_modality(
         from_data = dataset_modality(dataset_dir)
     if from_group and from_data and from_group != from_data:
         raise ValueError(
-            f"--classes {classes!r} is a {from_group.upper()} class group but --dataset_dir {dataset_dir} holds "
+            f"--classes {classes!r} is {'an' if from_group == 'mr' else 'a'} {from_group.upper()} class group but "
+            f"--dataset_dir {dataset_dir} holds "
             f"{from_data.upper()} cases; use {'mr_organs' if from_data == 'mr' else 'organs or vertebrae'} "
             f"(or a list of structure names) for this folder."
         )
