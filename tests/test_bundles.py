@@ -209,12 +209,12 @@ def test_unet_bundle_lora_preset_export_evaluate_infer(world):
 def test_segresnet_bundle_ddp_two_processes_on_cpu(world):
     from monai_peft.data import write_phantom_dataset
 
-    # 8 cases: 2 validation cases, one per rank (MONAI's DistributedSampler needs at least one per rank)
+    # 8 cases, meta.csv's split: 2 validation cases, one per rank (MONAI's DistributedSampler needs one per rank)
     data = world / "data_ddp"
     write_phantom_dataset(data, 8, (24, 24, 24), seed=1)
     out = world / "run_ddp"
     args = _run_args(world, ["configs/train.json", "configs/multi_gpu_train.json"], "segresnet", out,
-                     max_epochs="1", batch_size="1")
+                     max_epochs="1", batch_size="1", split_source="meta")
     args[args.index("--dataset_dir") + 1] = str(data)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
            *args]

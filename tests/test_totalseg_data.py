@@ -142,9 +142,9 @@ def test_splits(phantom_root):
     assert [len(s[k]) for k in ("train", "val", "test")] == [859, 245, 124]  # thesis 4.2.2.1
     assert sorted(s["train"] + s["val"] + s["test"]) == list(range(1228))
     assert random_split(list(range(1228)), seed=0) == s and random_split(list(range(1228)), seed=1) != s
-    for frac, n in ((0.1, 110), (0.5, 552)):  # thesis 4.2.5.2: fraction of train+val, 80/20, same test set
+    for frac, n, n_train in ((0.1, 110, 88), (0.5, 552, 441)):  # thesis 4.2.5.2 / Table 5.6: 88/22, 441/111
         sub = subset_split(s, frac, seed=0)
-        assert len(sub["train"]) + len(sub["val"]) == n and len(sub["train"]) == round(0.8 * n)
+        assert len(sub["train"]) + len(sub["val"]) == n and len(sub["train"]) == n_train
         assert sub["test"] == s["test"] and set(sub["train"]) <= set(s["train"] + s["val"])
         assert not set(sub["train"]) & set(sub["val"])
     meta = read_meta(phantom_root)

@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "gradcam": "monai_peft.cli.gradcam",
     "protoseg": "monai_peft.cli.protoseg",
     "pareto": "monai_peft.cli.pareto",
+    "curves": "monai_peft.cli.curves",
     "sweep": "monai_peft.cli.sweep",
     "presets": "monai_peft.cli.presets",
     "demo": "monai_peft.cli.demo",

@@ -1,6 +1,6 @@
 """Arguments and loading shared by ``monai-peft gradcam`` and ``monai-peft protoseg``: one CT/MR volume
-(NIfTI) with its label map, preprocessed with the thesis chain (Table 4.3), and a network with optional
-weights and adapter."""
+(NIfTI) with its label map, preprocessed with the thesis chain (Table 4.3; MR volumes get the MR normalisation,
+see :func:`case_modality`), and a network with optional weights and adapter."""
 
 from __future__ import annotations
 
@@ -33,8 +33,12 @@ def add_case_and_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="voxel spacing in mm after resampling (thesis: 1.5 1.5 1.5)")
     g.add_argument("--roi-size", nargs=3, type=int, default=(96, 96, 96), metavar=("H", "W", "D"),
                    help="centre crop / pad size after resampling (thesis: 96 96 96; SegResNet needs multiples of 8)")
-    g.add_argument("--intensity", choices=("window", "percentile"), default="window",
-                   help="window: CT HU window [-175, 250] -> [0, 1]; percentile: 0.5-99.5 percentiles (MR)")
+    g.add_argument("--modality", choices=("auto", "ct", "mr"), default="auto",
+                   help="ct: HU window [-175, 250] -> [0, 1]; mr: 0.5-99.5 percentiles -> [0, 1] (thesis 4.2.5.3). "
+                        "auto (default): from --classes (mr_organs), --task with --class-map (total_mr), an "
+                        "mri.nii.gz file name, else the image itself (Hounsfield units reach air at -1000)")
+    g.add_argument("--intensity", choices=("window", "percentile"), default=None,
+                   help="override the modality's normalisation (window: CT HU window; percentile: MR)")
     m = parser.add_argument_group("network")
     m.add_argument("--backbone", choices=("segresnet", "unet"), default="segresnet",
                    help="SuPreM backbone layout (thesis Table 4.1). Default: segresnet")
@@ -65,6 +69,37 @@ def _class_names(args: argparse.Namespace) -> list[str] | None:
     return class_group(args.classes[0] if len(args.classes) == 1 else args.classes)
 
 
+def case_modality(args: argparse.Namespace) -> str:
+    """``"ct"`` or ``"mr"`` for ``--image``: declared by ``--modality``, ``--classes``, ``--task`` or the file name,
+    else read from the image (CT in Hounsfield units has air near -1000; MR has no negative tissue values).
+
+    Raises:
+        ValueError: two of those disagree (the message names each).
+    """
+    from monai_peft.data.modality import GROUP_MODALITY, group_modality
+
+    found: dict[str, str] = {}
+    if args.modality != "auto":
+        found["--modality"] = args.modality
+    if args.classes and len(args.classes) == 1 and (args.classes[0] in GROUP_MODALITY
+                                                     or args.classes[0] in ("organs", "vertebrae", "mr_organs")):
+        found[f"--classes {args.classes[0]}"] = group_modality(args.classes[0]) or "ct"
+    if args.class_map is not None:
+        found[f"--task {args.task}"] = "mr" if args.task == "total_mr" else "ct"
+    if Path(args.image).name.startswith("mri."):
+        found[f"--image {Path(args.image).name}"] = "mr"
+    if len(set(found.values())) > 1:
+        raise ValueError("the image's modality is ambiguous: " + ", ".join(f"{k} means {v.upper()}" for k, v in found.items()))
+    if found:
+        return next(iter(found.values()))
+    import nibabel as nib
+
+    lowest = float(np.min(np.asanyarray(nib.load(str(args.image)).dataobj)))
+    modality = "ct" if lowest < -500.0 else "mr"
+    logger.info("%s: lowest value %.0f, read as %s (give --modality to say so)", args.image, lowest, modality.upper())
+    return modality
+
+
 def load_case(args: argparse.Namespace) -> tuple[Any, np.ndarray | None, dict[int, str]]:
     """Load and preprocess ``--image``/``--label``.
 
@@ -85,7 +120,7 @@ def load_case(args: argparse.Namespace) -> tuple[Any, np.ndarray | None, dict[in
     if args.label is not None:
         data["label"] = str(args.label)
     chain = Compose(preprocess_transforms(roi_size=tuple(args.roi_size), pixdim=tuple(args.pixdim),
-                                          intensity=args.intensity, keys=keys))
+                                          intensity=args.intensity, keys=keys, modality=case_modality(args)))
     out = chain(data)
     image = out["image"]
     label = None

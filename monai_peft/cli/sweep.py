@@ -1,8 +1,14 @@
 """Data-size sweep (10, 50, 100 percent of the data) and OOD runs as bundle command lines; collect finished runs into thesis tables.
 
+Each task reads its own dataset folder: --dataset ct=FOLDER serves organs and vertebrae (TotalSegmentator CT),
+--dataset mr=FOLDER the MR organs (TotalSegmentator MR); --dataset TASK=FOLDER sets one task. A task without a
+folder, or a folder of the other modality, is an error before anything is written. collect lays the finished run
+records out as the thesis's Tables 5.1-5.10, the thesis's figures beside.
+
 Examples::
 
-    monai-peft sweep plan bundles/totalseg_organs_suprem_segresnet_peft --output-root runs/sweep
+    monai-peft sweep plan bundles/totalseg_organs_suprem_segresnet_peft --output-root runs/sweep \\
+        --dataset ct=/data/Totalsegmentator_dataset_v201 --dataset mr=/data/TotalsegmentatorMRI_dataset_v200
     monai-peft sweep collect runs/sweep --markdown runs/sweep/tables.md
 """
 
@@ -28,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), help="PEFT presets to compare")
     p.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.5, 0.1])
     p.add_argument("--ood", nargs="*", default=["vertebrae", "mr_organs"], help="OOD tasks (none: empty)")
+    p.add_argument("--dataset", action="append", default=[], metavar="TASK=FOLDER",
+                   help="dataset folder of a task (organs, vertebrae, mr_organs) or modality (ct, mr); repeat")
     p.add_argument("--key", action="append", default=[], metavar="FIELD=ID",
                    help=f"config id for a field ({', '.join(DEFAULT_KEYS)}), e.g. preset=peft#preset")
     p.add_argument("--set", action="append", default=[], metavar="ID=VALUE", help="extra override for every run")
@@ -53,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         if not (bundle / "configs").is_dir():
             logger.warning("%s has no configs/ folder; the command lines point at it all the same", bundle)
         runs = plan_sweep(bundle, args.presets, args.fractions, args.ood, args.output_root,
-                          keys=_pairs(args.key, "--key"), extra_overrides=_pairs(args.set, "--set"))
+                          datasets=_pairs(args.dataset, "--dataset"), keys=_pairs(args.key, "--key"),
+                          extra_overrides=_pairs(args.set, "--set"))
         script, plan = write_plan(runs, args.output_root)
         if args.json:
             print(json.dumps([asdict(r) for r in runs], indent=2))
