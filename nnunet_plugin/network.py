@@ -24,7 +24,7 @@ from nnunet_plugin.settings import PEFTSettings
 __all__ = [
     "METHODS", "NNUNET_REGIONS", "register_nnunet_regions", "adapter_targets", "seg_layer_names",
     "relink_aliases", "build_peft_network", "build_suprem_peft_network", "unwrap_network", "base_network",
-    "keep_frozen_batch_statistics", "PLAIN_KEYS_ATTR", "SUPREM_ATTR", "SUPREM_METHODS",
+    "PLAIN_KEYS_ATTR", "SUPREM_ATTR", "SUPREM_METHODS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -266,25 +266,6 @@ def build_peft_network(network: nn.Module, method: str, settings: PEFTSettings) 
     return peft_model
 
 
-def keep_frozen_batch_statistics(network: nn.Module) -> int:
-    """Stop frozen SuPreM batch norms from updating their running buffers; returns how many were changed.
-
-    SuPreM's UNet3D normalises with the statistics of the current batch in training *and* inference
-    (``ContBatchNorm3d``), so its running buffers are never read, yet a training step would still overwrite them.
-    For a frozen backbone that would make the fine-tuned network's buffers differ from the pretrained file the
-    adapter is published against. Batch statistics stay in use; only the (unused) buffer updates stop. Batch
-    norms that train (full fine-tuning, fully trained regions) keep updating, as in SuPreM.
-    """
-    from monai_peft.networks import ContBatchNorm3d
-
-    changed = 0
-    for module in network.modules():
-        if isinstance(module, ContBatchNorm3d) and not any(p.requires_grad for p in module.parameters()):
-            module.track_running_stats = False
-            changed += 1
-    return changed
-
-
 def build_suprem_peft_network(network: nn.Module, method: str, settings: PEFTSettings, backbone: str) -> nn.Module:
     """Adapt a SuPreM backbone (``monai_peft.networks.suprem_backbone``) for use inside nnU-Net.
 
@@ -292,7 +273,8 @@ def build_suprem_peft_network(network: nn.Module, method: str, settings: PEFTSet
     ``out_tr``) is rebuilt for the new label count and trains fully. ConvAdapter ``residual-*`` wraps the
     ResBlocks (thesis Table 5.3, best SegResNet placement), ``conv-*`` every spatial conv (UNet3D: both LUConv
     convs of every transition, Table 5.4); LoRA targets spatial convs; SSF every conv and norm. UNet3D's frozen
-    batch norms keep batch statistics without updating their buffers (:func:`keep_frozen_batch_statistics`).
+    batch norms keep batch statistics without updating their buffers (``adapt()`` applies
+    :func:`monai_peft.tuners.frozen_norm.keep_frozen_batchnorm_statistics` to every frozen batch norm).
 
     Args:
         network: the backbone, ``(B, 1, H, W, D)`` -> ``(B, K, H, W, D)``.
@@ -324,7 +306,6 @@ def build_suprem_peft_network(network: nn.Module, method: str, settings: PEFTSet
             target = resolve_targets(network, regions & ModuleType(nn.Conv3d, nn.GroupNorm, nn.InstanceNorm3d,
                                                                    nn.BatchNorm3d))
         network = adapt(network, method, target=target, train_fully="head", **kwargs)
-        keep_frozen_batch_statistics(network)
     setattr(network, PLAIN_KEYS_ATTR, plain_keys)
     setattr(network, SUPREM_ATTR, backbone)
     return network

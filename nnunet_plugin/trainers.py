@@ -378,7 +378,7 @@ class nnUNetTrainerSuPreMPEFT(nnUNetTrainerPEFT):
     nnU-Net normalises CT by its dataset percentiles, not SuPreM's fixed window (thesis Table 4.3).
     ``suprem_backbone`` selects SegResNet (``supervised_suprem_segresnet_2100.pth``) or UNet3D
     (``supervised_suprem_unet_2100.pth``, batch-statistics batch norm, see
-    :func:`nnunet_plugin.network.keep_frozen_batch_statistics`).
+    :mod:`monai_peft.tuners.frozen_norm`: frozen ones keep their stored buffers).
     """
 
     peft_method = "convadapter"
