@@ -22,6 +22,8 @@ import os
 import time
 from pathlib import Path
 
+from monai_peft.cli._arg_types import existing_dir, non_negative_float, positive_float, positive_int
+
 TASK_NAMES = ("segmentation", "view", "volume", "age")
 TINY = {"hidden_sizes": [8, 16, 32, 64], "decoder_hidden_size": 16, "num_attention_heads": [1, 1, 2, 2]}
 SMALL_HEAD = {"conv_channels": [8, 16, 32], "fc_features": [64, 32]}  # echo seed Table I note d
@@ -32,53 +34,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("phantom", help="write a CAMUS (2019/2023) or EchoNet-Dynamic phantom dataset")
     p.add_argument("--layout", choices=("camus2019", "camus2023", "echonet"), required=True)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--num", type=int, default=10, help="patients (CAMUS) or videos (EchoNet); default 10")
-    p.add_argument("--size", type=int, default=128, help="frame height in pixels; default 128")
+    p.add_argument("--num", type=positive_int, default=10, help="patients (CAMUS) or videos (EchoNet); default 10")
+    p.add_argument("--size", type=positive_int, default=128, help="frame height in pixels; default 128")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("quality", help="CAMUS self-check: EF from cfg volumes and Simpson's method vs cfg EF")
-    p.add_argument("--camus", required=True, help="CAMUS folder (2019 or 2023 release)")
+    p.add_argument("--camus", required=True, type=existing_dir, help="CAMUS folder (2019 or 2023 release)")
     p.add_argument("--out", default=None, help="write the full report JSON here")
-    p.add_argument("--tolerance", type=float, default=5.0, help="flag EF differences above this (points)")
+    p.add_argument("--tolerance", type=positive_float, default=5.0, help="flag EF differences above this (points)")
 
     p = sub.add_parser("pretrain", help="pretrain the Segformer on EchoNet-Dynamic ED/ES LV masks")
-    p.add_argument("--echonet", required=True)
+    p.add_argument("--echonet", required=True, type=existing_dir, help="EchoNet-Dynamic folder")
     p.add_argument("--out", required=True, help="writes OUT/backbone/ and OUT/pretrain_metrics.json")
     p.add_argument("--variant", choices=("b0", "b2"), default="b0")
     p.add_argument("--init-weights", default=None, help="local backbone weights (file or HF folder)")
     _train_args(p, lr=1e-3)
 
     p = sub.add_parser("train", help="train one LoRA task adapter + head on CAMUS")
-    p.add_argument("--backbone", required=True, help="pretrained backbone folder")
-    p.add_argument("--camus", required=True)
+    p.add_argument("--backbone", required=True, type=existing_dir, help="pretrained backbone folder")
+    p.add_argument("--camus", required=True, type=existing_dir, help="CAMUS folder")
     p.add_argument("--task", choices=TASK_NAMES, required=True)
     p.add_argument("--layers", choices=("attention", "all"), default="attention", help="LoRA placement")
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank (1-8; seed: 2-4 best)")
+    p.add_argument("--rank", type=positive_int, default=4, help="LoRA rank (1-8; seed: 2-4 best)")
     p.add_argument("--small-head", action="store_true", help="8/16/32-channel CNN head (seed Table I, note d)")
     p.add_argument("--out", required=True, help="writes OUT/<task>/ and OUT/<task>_metrics.json")
     _train_args(p, lr=1e-3)
 
     p = sub.add_parser("predict", help="run all task adapters on the CAMUS patients of a split")
-    p.add_argument("--backbone", required=True)
-    p.add_argument("--adapters", nargs="+", required=True, help="task folders")
-    p.add_argument("--camus", required=True)
+    p.add_argument("--backbone", required=True, type=existing_dir, help="pretrained backbone folder")
+    p.add_argument("--adapters", nargs="+", required=True, type=existing_dir, help="task folders")
+    p.add_argument("--camus", required=True, type=existing_dir, help="CAMUS folder")
     p.add_argument("--split", default="testing", help="official split (default testing); 'all' for every patient")
     p.add_argument("--out", required=True, help="writes masks and predictions.json here")
     p.add_argument("--plot", default=None, metavar="PNG", help="figure of the first patient's study")
 
     p = sub.add_parser("demo", help="phantoms -> pretraining -> four adapters -> multi-task prediction")
     p.add_argument("--out", required=True)
-    p.add_argument("--size", type=int, default=64, help="network input side; default 64")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--size", type=positive_int, default=64, help="network input side; default 64")
+    p.add_argument("--epochs", type=positive_int, default=3)
     p.add_argument("--tiny", action="store_true", help="narrow MiT-B0 (seconds on a laptop CPU)")
 
 
 def _train_args(p: argparse.ArgumentParser, lr: float) -> None:
-    p.add_argument("--size", type=int, default=128, help="input side after center crop + resize; default 128")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--lr-min", type=float, default=None, help="cosine annealing end value (seed: 'lr to lr_min')")
+    p.add_argument("--size", type=positive_int, default=128, help="input side after center crop + resize; default 128")
+    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--lr", type=positive_float, default=lr)
+    p.add_argument("--lr-min", type=non_negative_float, default=None, help="cosine annealing end value (seed: 'lr to lr_min')")
     p.add_argument("--device", default="cpu")
 
 
