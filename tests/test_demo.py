@@ -25,6 +25,8 @@ def test_demo_compares_four_methods(tmp_path, capsys):
     assert format_table(result["rows"]) in printed
     full = rows["full"]
     assert full["trainable"] == full["total"] and full["trainable_percent"] == pytest.approx(100.0)
+    for run in ("full", "pretrain"):  # nothing frozen: no fingerprint of "a frozen backbone" (of zero bytes)
+        assert json.loads((out / run / "results.json").read_text())["frozen_backbone"] is None, run
     for method in ("convadapter", "lora", "ssf"):
         row = rows[method]
         assert 0 < row["trainable"] < full["trainable"], method

@@ -241,6 +241,24 @@ def test_parameter_report_and_frozen_fingerprint(tmp_path):
     assert read_run_record(tmp_path / "r2.json")["frozen_backbone"]["unchanged"] is False
 
 
+def test_run_record_tells_the_truth_about_the_frozen_backbone(tmp_path):
+    """Full fine-tuning freezes nothing: no fingerprint. A frozen bfloat16 backbone is hashed by its bytes."""
+    full = SegResNet(spatial_dims=3, init_filters=8, blocks_down=(1,), blocks_up=(), in_channels=1, out_channels=2)
+    engine = Engine(lambda e, b: None)
+    ParameterReportHandler(full, record_path=tmp_path / "full.json").attach(engine)
+    engine.run([0], max_epochs=1)
+    assert read_run_record(tmp_path / "full.json")["frozen_backbone"] is None
+    assert frozen_fingerprint(full) is None and engine.state.frozen_unchanged is None
+
+    half = _lora().to(torch.bfloat16)
+    first = frozen_fingerprint(half)
+    frozen = [p for p in half.parameters() if not p.requires_grad]
+    assert first["tensors"] == len(frozen) and first["parameters"] == sum(p.numel() for p in frozen)
+    with torch.no_grad():  # flip the lowest mantissa bit of one value: another hash
+        frozen[0].view(-1).view(torch.int16)[0] ^= 1
+    assert frozen_fingerprint(half)["sha256"] != first["sha256"]
+
+
 def test_run_record_merges_nested_sections_atomically(tmp_path):
     path = tmp_path / "results.json"
     update_run_record(path, {"costs": {"train_s_per_volume": 2.1}, "method": "lora"})
