@@ -8,7 +8,7 @@ monai_peft.data take DIR as it is. Seconds; about 3 MB.
 
 Examples::
 
-    monai-peft example-data data                      # CT: 6 phantoms of 32^3 voxels + the real CT
+    monai-peft example-data data                      # CT: 6 phantoms of 32^3 voxels (3 mm) + the real CT
     monai-peft example-data data_mr --modality mr     # MR: phantoms + the real MR
 """
 
@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phantoms", type=non_negative_int, default=6,
                         help="number of phantom cases (default: %(default)s; 0 for the real scan only)")
     parser.add_argument("--size", type=positive_int, default=32,
-                        help="phantom edge length in voxels at 1.5 mm, >= 8 (default: %(default)s)")
+                        help="phantom edge length in voxels at 3 mm (the real scans' spacing), >= 8 "
+                             "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="phantom random seed (default: %(default)s)")
     parser.add_argument("--no-real", action="store_true", help="phantoms only, without the real example scan")
     parser.add_argument("--overwrite", action="store_true", help="replace DIR when it already holds files")
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.size < 8:
         raise ValueError(f"--size must be >= 8 voxels, got {args.size}.")
-    ids = write_example_dataset(args.dir, args.modality, args.phantoms, (args.size,) * 3, args.seed,
+    ids = write_example_dataset(args.dir, args.modality, args.phantoms, (args.size,) * 3, seed=args.seed,
                                 real=not args.no_real, overwrite=args.overwrite)
     print(json.dumps({"dataset_dir": str(args.dir), "modality": args.modality, "cases": ids}, indent=2))
     return 0

@@ -65,6 +65,7 @@ def write_example_dataset(
     modality: str = "ct",
     n_phantoms: int = 6,
     shape: Sequence[int] = (32, 32, 32),
+    spacing: Sequence[float] = (3.0, 3.0, 3.0),
     seed: int = 0,
     real: bool = True,
     overwrite: bool = False,
@@ -81,7 +82,9 @@ def write_example_dataset(
         root: the dataset folder; must not exist or be empty unless ``overwrite``.
         modality: ``"ct"`` (``ct.nii.gz``) or ``"mr"`` (``mri.nii.gz``).
         n_phantoms: phantom cases (>= 4 gives every split a case). Default 6.
-        shape: phantom size in voxels (1.5 mm spacing). Default ``(32, 32, 32)``.
+        shape: phantom size in voxels. Default ``(32, 32, 32)``.
+        spacing: phantom voxel size in mm; default 3 mm, the real scans' spacing, so both meet the networks at
+            the same scale.
         seed: phantom random seed.
         real: add the real example scan. Default True.
         overwrite: replace an existing non-empty ``root``.
@@ -107,7 +110,7 @@ def write_example_dataset(
     if root.exists() and (not root.is_dir() or any(root.iterdir())) and not overwrite:
         raise FileExistsError(f"{root} exists and is not empty; choose a new folder (or overwrite=True / --overwrite).")
     with atomic_folder(root) as tmp:
-        ids = write_phantom_dataset(tmp, n_phantoms, shape, seed, modality) if n_phantoms else []
+        ids = write_phantom_dataset(tmp, n_phantoms, shape, seed, modality, spacing) if n_phantoms else []
         rows = _read_rows(tmp / "meta.csv") if n_phantoms else []
         if real:
             import_multilabel_case(scan.image, scan.label, task_id_map(scan.class_map, scan.task), tmp / REAL_CASE_ID,

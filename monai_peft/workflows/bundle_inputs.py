@@ -145,7 +145,10 @@ def check_inputs(
         if preset is not None:
             from monai_peft.presets import get_preset
 
-            p = get_preset(preset)
+            try:
+                p = get_preset(preset)
+            except KeyError as e:
+                raise KeyError(f"--peft#preset: {e.args[0] if e.args else e}") from None
             if backbone is not None and p.backbone != backbone:
                 raise ValueError(f"--peft#preset {preset}: a preset of the {p.backbone} backbone; this bundle fine-tunes "
                                  f"SuPreM's {backbone} (monai-peft presets --backbone {backbone} lists its presets).")
