@@ -152,7 +152,9 @@ def _case_class_names(case_dir: Path, classes: str | Sequence[str]) -> list[str]
                        known_what=f"TotalSegmentator v2 nor the files of {case_dir / SEG_DIR}")
 
 
-def dataset_classes(cases: Sequence[str | Path], classes: str | Sequence[str], root: str | Path | None = None) -> list[str]:
+def dataset_classes(
+    cases: Sequence[str | Path], classes: str | Sequence[str], root: str | Path | None = None
+) -> list[str]:
     """Resolve ``classes`` for a set of case folders and check them against the structure files present.
 
     Names must be TotalSegmentator v2 names or structures some case has a file for (datasets of your own); an

@@ -150,8 +150,9 @@ def check_inputs(
             except KeyError as e:
                 raise KeyError(f"--peft#preset: {e.args[0] if e.args else e}") from None
             if backbone is not None and p.backbone != backbone:
-                raise ValueError(f"--peft#preset {preset}: a preset of the {p.backbone} backbone; this bundle fine-tunes "
-                                 f"SuPreM's {backbone} (monai-peft presets --backbone {backbone} lists its presets).")
+                raise ValueError(f"--peft#preset {preset}: a preset of the {p.backbone} backbone; this bundle "
+                                 f"fine-tunes SuPreM's {backbone} (monai-peft presets --backbone {backbone} lists "
+                                 "its presets).")
         pretrained_file(pretrained)
         if split is not None:
             optional_split(split)
