@@ -243,14 +243,21 @@ def test_parameter_report_and_frozen_fingerprint(tmp_path):
 
 def test_run_record_tells_the_truth_about_the_frozen_backbone(tmp_path):
     """Full fine-tuning freezes nothing: no fingerprint. A frozen bfloat16 backbone is hashed by its bytes."""
-    full = SegResNet(spatial_dims=3, init_filters=8, blocks_down=(1,), blocks_up=(), in_channels=1, out_channels=2)
-    engine = Engine(lambda e, b: None)
-    ParameterReportHandler(full, record_path=tmp_path / "full.json").attach(engine)
-    engine.run([0], max_epochs=1)
-    assert read_run_record(tmp_path / "full.json")["frozen_backbone"] is None
-    assert frozen_fingerprint(full) is None and engine.state.frozen_unchanged is None
+    def net():
+        return SegResNet(spatial_dims=3, init_filters=8, blocks_down=(1,), blocks_up=(), in_channels=1, out_channels=2)
 
-    half = _lora().to(torch.bfloat16)
+    # pretraining (a plain network) and full fine-tuning (peft keeps idle frozen originals beside trained copies)
+    for name, full in (("plain", net()), ("full", monai_peft.adapt(net(), "full"))):
+        engine = Engine(lambda e, b: None)
+        ParameterReportHandler(full, record_path=tmp_path / f"{name}.json").attach(engine)
+        engine.run([0], max_epochs=1)
+        assert read_run_record(tmp_path / f"{name}.json")["frozen_backbone"] is None, name
+        assert frozen_fingerprint(full) is None and engine.state.frozen_unchanged is None
+    head_only = monai_peft.adapt(net(), "head")  # the head (conv_final) trains as a copy; its idle original is not
+    backbone = [n for n, p in head_only.named_parameters() if not p.requires_grad and "conv_final" not in n]
+    assert frozen_fingerprint(head_only)["tensors"] == len(backbone) > 0
+
+    half = monai_peft.adapt(_net(3), "lora", r=2).to(torch.bfloat16)  # every frozen tensor is in the forward path
     first = frozen_fingerprint(half)
     frozen = [p for p in half.parameters() if not p.requires_grad]
     assert first["tensors"] == len(frozen) and first["parameters"] == sum(p.numel() for p in frozen)

@@ -21,9 +21,13 @@ else:
 
 __all__ = ["ParameterReportHandler", "count_parameters", "frozen_fingerprint"]
 
+# peft wrappers that train a copy of the module they wrap: (attribute of the copies, attribute of the idle original)
+_TRAINED_COPY_WRAPPERS = (("modules_to_save", "original_module"), ("ln_tuning_layers", "base_layer"))
+
 
 def frozen_fingerprint(network: torch.nn.Module) -> dict[str, Any] | None:
-    """SHA-256 over the names, dtypes, shapes and raw bytes of every frozen parameter of ``network``.
+    """SHA-256 over the names, dtypes, shapes and raw bytes of every frozen parameter of ``network`` in the forward
+    path (not the idle originals peft keeps beside the copies it trains).
 
     Equal fingerprints before and after training show that the backbone did not change.
 
@@ -33,10 +37,17 @@ def frozen_fingerprint(network: torch.nn.Module) -> dict[str, Any] | None:
     """
     import hashlib
 
+    net = unwrap_network(network)
+    # peft trains some modules as copies (modules_to_save, LN tuning = "full") and keeps each original frozen but out
+    # of the forward pass: such originals are no frozen backbone (with full fine-tuning they are the whole network)
+    spare = {id(q) for m in net.modules() for copies, original in _TRAINED_COPY_WRAPPERS
+             if isinstance(getattr(m, copies, None), torch.nn.ModuleDict)
+             and isinstance(getattr(m, original, None), torch.nn.Module)
+             for q in getattr(m, original).parameters()}
     digest = hashlib.sha256()
     tensors = numel = 0
-    for name, p in unwrap_network(network).named_parameters():
-        if p.requires_grad:
+    for name, p in net.named_parameters():
+        if p.requires_grad or id(p) in spare:
             continue
         data = p.detach().cpu().contiguous()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
