@@ -43,7 +43,9 @@ from nnunet_plugin.checkpoints import (
 from nnunet_plugin.network import (
     PLAIN_KEYS_ATTR, base_network, build_peft_network, build_suprem_peft_network, unwrap_network,
 )
-from nnunet_plugin.settings import PLANS_FIELD, final_validation_enabled, resolve_settings, training_length
+from nnunet_plugin.settings import (
+    ENV_VARS, PLANS_FIELD, final_validation_enabled, random_backbone_allowed, resolve_settings, training_length,
+)
 
 __all__ = [
     "nnUNetTrainerPEFT", "nnUNetTrainerConvAdapter", "nnUNetTrainerConvAdapterSequential",
@@ -158,9 +160,17 @@ class nnUNetTrainerPEFT(nnUNetTrainer):
                 f"monai-peft: pretrained weights {pretrained['file']}: {pretrained['loaded']} tensors loaded, "
                 f"{len(pretrained['skipped'])} skipped ({', '.join(pretrained['skipped'][:4])}), "
                 f"{pretrained['left_at_init']} adapter / seg-layer tensors left at their initialisation")
-        elif self.peft_method != "full" and self.current_epoch == 0:
+        elif self.peft_method != "full" and self.current_epoch == 0 and self._resumed_base_weights is None:
+            # nothing frozen is worth training around unless it holds pretrained weights
+            if not random_backbone_allowed():
+                raise PretrainedWeightsError(
+                    f"{self.__class__.__name__}: no -pretrained_weights given, so the frozen backbone would keep its "
+                    "random initialisation and only the adapters would train. Pass -pretrained_weights FILE, or set "
+                    f"{ENV_VARS['allow_random_backbone']}=1 to train on a random frozen backbone on purpose."
+                )
             self.print_to_log_file(
-                "WARNING: no -pretrained_weights loaded: the frozen backbone keeps its random initialisation.")
+                f"WARNING: no -pretrained_weights loaded ({ENV_VARS['allow_random_backbone']}=1): the frozen backbone "
+                "keeps its random initialisation.")
         super().on_train_start()
 
     # -- checkpoints ----------------------------------------------------------------------------------------

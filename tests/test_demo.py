@@ -31,6 +31,8 @@ def test_demo_compares_four_methods_and_repeats_exactly(tmp_path, capsys):
     assert result["foundation"]["test_dice"] == foundation["test"]["mean_dice"]
     full = rows["full"]
     assert full["trainable"] == full["total"] and full["trainable_percent"] == pytest.approx(100.0)
+    for run in ("full", "pretrain"):  # nothing frozen: no fingerprint of "a frozen backbone" (of zero bytes)
+        assert json.loads((out / run / "results.json").read_text())["frozen_backbone"] is None, run
     for method in ("convadapter", "lora", "ssf"):
         row = rows[method]
         assert 0 < row["trainable"] < full["trainable"] and row["total"] == full["total"], method

@@ -315,3 +315,19 @@ def test_pretrained_weights_from_other_architecture_fail_clearly(pipeline, tmp_p
     assert last_line.startswith("nnunet_plugin.checkpoints.PretrainedWeightsError")
     assert "other_architecture.pth" in last_line and "another shape" in last_line
     assert "Epoch 0" not in proc.stdout
+
+
+def test_peft_trainer_without_pretrained_weights_stops_unless_opted_in(pipeline):
+    """Adapters on a random frozen backbone are a silent waste: the trainer refuses before the first epoch."""
+    trainer = "nnUNetTrainerHeadOnly"
+    proc = nnunet("nnUNetv2_train", "902", CONFIG, "0", "-tr", trainer, "-device", "cpu", env=pipeline["env"],
+                  expect_ok=False)
+    assert proc.returncode != 0 and "Epoch 0" not in proc.stdout
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("nnunet_plugin.checkpoints.PretrainedWeightsError")
+    assert "no -pretrained_weights given" in last_line and "nnUNet_peft_allow_random_backbone=1" in last_line
+    nnunet("nnUNetv2_train", "902", CONFIG, "0", "-tr", trainer, "-device", "cpu",
+           env=dict(pipeline["env"], nnUNet_peft_allow_random_backbone="1"))
+    logs = [f.read_text() for f in _fold(pipeline, trainer).glob("training_log_*.txt")]  # the refused run's too
+    assert any("frozen backbone keeps its random initialisation" in log for log in logs)
+    assert (_fold(pipeline, trainer) / "checkpoint_final.pth").is_file()

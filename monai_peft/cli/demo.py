@@ -16,19 +16,20 @@ import logging
 import os
 import sys
 
+from monai_peft.cli._arg_types import positive_int
+from monai_peft.workflows.demo_methods import DEMO_METHODS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from monai_peft.workflows.demo import DEMO_METHODS
-
     parser.add_argument("--output-dir", default="monai_peft_demo", help="folder for data, runs and the comparison (default: %(default)s)")
     parser.add_argument("--methods", nargs="+", default=list(DEMO_METHODS), choices=list(DEMO_METHODS),
                         help="methods to compare (default: all)")
-    parser.add_argument("--epochs", type=int, default=25, help="fine-tuning epochs per method (default: %(default)s)")
-    parser.add_argument("--pretrain-epochs", type=int, default=30,
+    parser.add_argument("--epochs", type=positive_int, default=25, help="fine-tuning epochs per method (default: %(default)s)")
+    parser.add_argument("--pretrain-epochs", type=positive_int, default=30,
                         help="epochs of source-task pretraining (default: %(default)s; reused when already done)")
-    parser.add_argument("--pretrain-cases", nargs=3, type=int, default=[12, 4, 4], metavar=("TRAIN", "VAL", "TEST"),
+    parser.add_argument("--pretrain-cases", nargs=3, type=positive_int, default=[12, 4, 4], metavar=("TRAIN", "VAL", "TEST"),
                         help="source-task phantom cases (default: 12 4 4)")
-    parser.add_argument("--target-cases", nargs=3, type=int, default=[12, 4, 4], metavar=("TRAIN", "VAL", "TEST"),
+    parser.add_argument("--target-cases", nargs=3, type=positive_int, default=[12, 4, 4], metavar=("TRAIN", "VAL", "TEST"),
                         help="target-task phantom cases (default: 12 4 4)")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                         help="learning rate of one method, e.g. --lr lora=3e-3 (defaults: "
@@ -36,14 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: %(default)s: the figures in the "
                         "docs are CPU figures, and CPU runs repeat exactly)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s; deterministic)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default: %(default)s; deterministic)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--verbose", action="store_true", help="log engine events")
 
 
 def _learning_rates(items: list[str]) -> dict[str, float]:
-    from monai_peft.workflows.demo import DEMO_METHODS
-
     out = {}
     for item in items:
         method, _, value = item.partition("=")
@@ -53,6 +52,8 @@ def _learning_rates(items: list[str]) -> dict[str, float]:
             out[method] = float(value)
         except ValueError:
             raise ValueError(f"--lr {item!r}: {value!r} is not a number") from None
+        if out[method] <= 0:
+            raise ValueError(f"--lr {item!r}: the learning rate must be positive")
     return out
 
 
@@ -64,18 +65,15 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("monai_peft.workflows.demo").setLevel(logging.INFO)
+    learning_rates = _learning_rates(args.lr)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        result = run_demo(
-            output_dir=args.output_dir, methods=args.methods, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs,
-            n_pretrain=args.pretrain_cases, n_target=args.target_cases, learning_rates=_learning_rates(args.lr),
-            seed=args.seed, device=device, threads=args.threads, progress=not args.no_progress, verbose=args.verbose,
-        )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = run_demo(
+        output_dir=args.output_dir, methods=args.methods, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs,
+        n_pretrain=args.pretrain_cases, n_target=args.target_cases, learning_rates=learning_rates,
+        seed=args.seed, device=device, threads=args.threads, progress=not args.no_progress, verbose=args.verbose,
+    )
     print()
     print(format_table(result["rows"], result["foundation"]))
     print()

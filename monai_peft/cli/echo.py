@@ -35,6 +35,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from monai_peft.cli._arg_types import existing_dir, non_negative_float, positive_float, positive_int
+
 TASK_NAMES = ("segmentation", "view", "volume", "age")
 TINY = {"hidden_sizes": [8, 16, 32, 64], "decoder_hidden_size": 16, "num_attention_heads": [1, 1, 2, 2]}
 SMALL_HEAD = {"conv_channels": [8, 16, 32], "fc_features": [64, 32]}  # echo seed Table I note d
@@ -44,22 +46,22 @@ SMALL_HEAD = {"conv_channels": [8, 16, 32], "fc_features": [64, 32]}  # echo see
 def _args_phantom(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=("camus2019", "camus2023", "echonet"), required=True)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--num", type=int, default=10, help="patients (CAMUS) or videos (EchoNet); default 10")
-    p.add_argument("--size", type=int, default=128, help="frame height in pixels; default 128")
-    p.add_argument("--frames", type=int, default=16, help="frames per EchoNet video; default 16")
-    p.add_argument("--depth-mm", type=float, default=160.0,
+    p.add_argument("--num", type=positive_int, default=10, help="patients (CAMUS) or videos (EchoNet); default 10")
+    p.add_argument("--size", type=positive_int, default=128, help="frame height in pixels; default 128")
+    p.add_argument("--frames", type=positive_int, default=16, help="frames per EchoNet video; default 16")
+    p.add_argument("--depth-mm", type=positive_float, default=160.0,
                    help="imaging depth; smaller makes the heart fill the frame (EchoNet); default 160")
     p.add_argument("--seed", type=int, default=0)
 
 
 def _args_quality(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--camus", required=True, help="CAMUS folder (2019 or 2023 release)")
+    p.add_argument("--camus", required=True, type=existing_dir, help="CAMUS folder (2019 or 2023 release)")
     p.add_argument("--out", default=None, help="write the full report JSON here")
-    p.add_argument("--tolerance", type=float, default=5.0, help="flag EF differences above this (points)")
+    p.add_argument("--tolerance", type=positive_float, default=5.0, help="flag EF differences above this (points)")
 
 
 def _args_pretrain(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--echonet", required=True)
+    p.add_argument("--echonet", required=True, type=existing_dir)
     p.add_argument("--out", required=True, help="writes OUT/backbone/ and OUT/pretrain_metrics.json")
     p.add_argument("--variant", choices=("b0", "b2"), default="b0")
     p.add_argument("--init-weights", default=None, help="local backbone weights (file or HF folder)")
@@ -67,23 +69,23 @@ def _args_pretrain(p: argparse.ArgumentParser) -> None:
 
 
 def _args_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", required=True, help="pretrained backbone folder")
-    p.add_argument("--camus", required=True)
+    p.add_argument("--backbone", required=True, type=existing_dir, help="pretrained backbone folder")
+    p.add_argument("--camus", required=True, type=existing_dir)
     p.add_argument("--task", choices=TASK_NAMES, required=True)
     p.add_argument("--preset", default=None,
                    help="a Tables I-IV configuration (monai-peft echo presets); default: the task's best one for "
                         "the backbone's MiT variant")
     p.add_argument("--layers", choices=("attention", "all"), default=None, help="LoRA placement (overrides the preset)")
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank (overrides the preset)")
+    p.add_argument("--rank", type=positive_int, default=None, help="LoRA rank (overrides the preset)")
     p.add_argument("--small-head", action="store_true", help="8/16/32-channel CNN head (seed Table I, note d)")
     p.add_argument("--out", required=True, help="writes OUT/<run>/ (adapter, results.json)")
     _train_args(p, lr=None, batch_size=None, epochs=None)
 
 
 def _args_predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", required=True)
-    p.add_argument("--adapters", nargs="+", required=True, help="task folders")
-    p.add_argument("--camus", required=True)
+    p.add_argument("--backbone", required=True, type=existing_dir)
+    p.add_argument("--adapters", nargs="+", required=True, type=existing_dir, help="task folders")
+    p.add_argument("--camus", required=True, type=existing_dir)
     p.add_argument("--split", default="testing", help="official split (default testing); 'all' for every patient")
     p.add_argument("--out", required=True, help="writes masks and predictions.json here")
     p.add_argument("--plot", default=None, metavar="PNG", help="figure of the first patient's study")
@@ -91,8 +93,8 @@ def _args_predict(p: argparse.ArgumentParser) -> None:
 
 def _args_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
-    p.add_argument("--size", type=int, default=64, help="network input side; default 64")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--size", type=positive_int, default=64, help="network input side; default 64")
+    p.add_argument("--epochs", type=positive_int, default=3)
     p.add_argument("--tiny", action="store_true", help="narrow MiT-B0 (seconds on a laptop CPU)")
 
 
@@ -107,55 +109,55 @@ def _args_table(p: argparse.ArgumentParser) -> None:
 
 
 def _args_video_pretrain(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--echonet", required=True, help="EchoNet-Dynamic folder (videos; labels unused)")
+    p.add_argument("--echonet", required=True, type=existing_dir, help="EchoNet-Dynamic folder (videos; labels unused)")
     p.add_argument("--out", required=True, help="writes OUT/checkpoint/ (config.json + model.safetensors), results.json")
     p.add_argument("--model-size", choices=("small", "base"), default="base", help="VideoMAE size; default base")
     p.add_argument("--init-checkpoint", default=None, help="continue from a local VideoMAE checkpoint folder")
-    p.add_argument("--mask-ratio", type=float, default=0.9, help="hidden fraction of the tubes; default 0.9 (EchoAI)")
+    p.add_argument("--mask-ratio", type=non_negative_float, default=0.9, help="hidden fraction of the tubes; default 0.9 (EchoAI)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer, 32-wide VideoMAE with 8-pixel patches (tests, demos)")
     _video_args(p, lr=1.5e-4, epochs=10)
 
 
 def _args_video_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="local VideoMAE checkpoint folder (video-pretrain OUT/checkpoint)")
-    p.add_argument("--echonet", required=True)
+    p.add_argument("--checkpoint", required=True, type=existing_dir, help="local VideoMAE checkpoint folder (video-pretrain OUT/checkpoint)")
+    p.add_argument("--echonet", required=True, type=existing_dir)
     p.add_argument("--out", required=True, help="run folder: adapter/, ef_model.json, results.json, test_predictions.*")
     p.add_argument("--method", default="lora",
                    help="lora, full, head (linear probe), ssf, bitfit, norm, or another monai_peft.adapt method; "
                         "default lora")
     p.add_argument("--layers", choices=("attention", "all"), default="attention", help="LoRA placement")
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8)")
-    p.add_argument("--clips", type=int, default=4, help="clips averaged per video at evaluation; default 4")
+    p.add_argument("--rank", type=positive_int, default=None, help="LoRA rank (default 8)")
+    p.add_argument("--clips", type=positive_int, default=4, help="clips averaged per video at evaluation; default 4")
     p.add_argument("--resume", action="store_true", help="continue from OUT/adapter/last")
     _video_args(p, lr=None, epochs=10)
 
 
 def _args_video_evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="video-train run folder")
-    p.add_argument("--echonet", required=True)
+    p.add_argument("--run", required=True, type=existing_dir, help="video-train run folder")
+    p.add_argument("--echonet", required=True, type=existing_dir)
     p.add_argument("--split", default="TEST", help="FileList split; default TEST")
     p.add_argument("--out", default=None, help="folder for results.json / predictions (default: the run folder)")
-    p.add_argument("--clips", type=int, default=None, help="clips per video (default: the run's)")
+    p.add_argument("--clips", type=positive_int, default=None, help="clips per video (default: the run's)")
     p.add_argument("--device", default="cpu")
 
 
 def _args_video_predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="video-train run folder")
+    p.add_argument("--run", required=True, type=existing_dir, help="video-train run folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--videos", nargs="+", help="AVI files")
     src.add_argument("--echonet", help="an EchoNet-Dynamic folder: every video of its FileList")
     p.add_argument("--out", required=True, help="JSON file of per-video EF")
-    p.add_argument("--clips", type=int, default=None, help="clips per video (default: the run's)")
+    p.add_argument("--clips", type=positive_int, default=None, help="clips per video (default: the run's)")
     p.add_argument("--device", default="cpu")
 
 
 def _args_video_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for phantoms, runs, comparison.json and comparison.png")
     p.add_argument("--methods", nargs="+", default=["lora", "full", "head"], help="methods to compare")
-    p.add_argument("--videos", type=int, default=240, help="phantom videos (60%% train); default 240")
-    p.add_argument("--pretrain-epochs", type=int, default=150, help="MAE pretraining epochs; default 150")
-    p.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs per method; default 30")
-    p.add_argument("--mask-ratio", type=float, default=0.9, help="MAE masking ratio; default 0.9 (EchoAI)")
+    p.add_argument("--videos", type=positive_int, default=240, help="phantom videos (60%% train); default 240")
+    p.add_argument("--pretrain-epochs", type=positive_int, default=150, help="MAE pretraining epochs; default 150")
+    p.add_argument("--epochs", type=positive_int, default=30, help="fine-tuning epochs per method; default 30")
+    p.add_argument("--mask-ratio", type=non_negative_float, default=0.9, help="MAE masking ratio; default 0.9 (EchoAI)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -169,10 +171,10 @@ def _args_compare(p: argparse.ArgumentParser) -> None:
                    "bitfit head full")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
                    help="replace a method's learning-rate grid, e.g. --lr lora=1e-3,3e-3")
-    p.add_argument("--size", type=int, default=64, help="input side; default 64")
-    p.add_argument("--epochs", type=int, default=8, help="epochs per run; default 8")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--pretrain-epochs", type=int, default=6, help="pretext epochs when pretraining here; default 6")
+    p.add_argument("--size", type=positive_int, default=64, help="input side; default 64")
+    p.add_argument("--epochs", type=positive_int, default=8, help="epochs per run; default 8")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--pretrain-epochs", type=positive_int, default=6, help="pretext epochs when pretraining here; default 6")
     p.add_argument("--mit-b0", action="store_true", help="pretrain full-width MiT-B0 instead of the narrow one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -181,21 +183,21 @@ def _args_compare(p: argparse.ArgumentParser) -> None:
 
 def _train_args(p: argparse.ArgumentParser, lr: float | None, batch_size: int | None, epochs: int | None) -> None:
     dflt = "default: the preset's" if lr is None else "default %(default)s"
-    p.add_argument("--size", type=int, default=128, help="input side after center crop + resize; default 128")
-    p.add_argument("--epochs", type=int, default=epochs, help=dflt)
-    p.add_argument("--batch-size", type=int, default=batch_size, help=dflt)
-    p.add_argument("--lr", type=float, default=lr, help=dflt)
-    p.add_argument("--lr-min", type=float, default=None, help="cosine annealing end value (seed: 'lr to lr_min')")
+    p.add_argument("--size", type=positive_int, default=128, help="input side after center crop + resize; default 128")
+    p.add_argument("--epochs", type=positive_int, default=epochs, help=dflt)
+    p.add_argument("--batch-size", type=positive_int, default=batch_size, help=dflt)
+    p.add_argument("--lr", type=positive_float, default=lr, help=dflt)
+    p.add_argument("--lr-min", type=positive_float, default=None, help="cosine annealing end value (seed: 'lr to lr_min')")
     p.add_argument("--device", default="cpu")
 
 
 def _video_args(p: argparse.ArgumentParser, lr: float | None, epochs: int) -> None:
-    p.add_argument("--frames", type=int, default=16, help="frames per clip; default 16")
+    p.add_argument("--frames", type=positive_int, default=16, help="frames per clip; default 16")
     p.add_argument("--stride", type=int, default=4, help="frame step inside a clip; default 4")
     p.add_argument("--image-size", type=int, default=112, help="frame side; default 112 (EchoNet-Dynamic)")
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate" + ("" if lr is None else f"; default {lr}")
+    p.add_argument("--epochs", type=positive_int, default=epochs)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--lr", type=positive_float, default=lr, help="AdamW learning rate" + ("" if lr is None else f"; default {lr}")
                    + ("; default: the method's" if lr is None else ""))
     p.add_argument("--amp", action="store_true", help="automatic mixed precision (CUDA)")
     p.add_argument("--accumulation-steps", type=int, default=1, help="mini-batches per optimizer step; default 1")

@@ -19,12 +19,16 @@ import argparse
 import json
 from pathlib import Path
 
+from monai_peft.cli._arg_types import existing_path, non_negative_float
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", type=Path,
+    parser.add_argument("inputs", nargs="+", type=existing_path,
                         help="results.json files, folders holding them (recursive), or CSV files")
-    parser.add_argument("--w-dice", type=float, default=0.5, help="weight of normalised Dice (thesis: 0.5)")
-    parser.add_argument("--w-params", type=float, default=0.5, help="weight of 1 - normalised params (thesis: 0.5)")
+    parser.add_argument("--w-dice", type=non_negative_float, default=0.5,
+                        help="weight of normalised Dice (thesis: 0.5)")
+    parser.add_argument("--w-params", type=non_negative_float, default=0.5,
+                        help="weight of 1 - normalised params (thesis: 0.5)")
     parser.add_argument("--pooled", action="store_true",
                         help="normalise and walk all backbones together (the thesis does each separately)")
     parser.add_argument("--plot", type=Path, default=None, help="write the Fig. 5.5 trade-off PNG here")

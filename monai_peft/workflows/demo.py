@@ -37,6 +37,7 @@ from monai.networks.nets import SegResNet
 from monai.utils import set_determinism
 
 from monai_peft.io import atomic_save_figure, atomic_torch_save
+from monai_peft.workflows.demo_methods import DEMO_METHODS, PRETRAIN_LR
 from monai_peft.workflows.engines import build_evaluator, build_test_evaluator, build_trainer
 from monai_peft.workflows.records import atomic_write_json, read_run_record, update_run_record
 
@@ -59,18 +60,6 @@ PHANTOM_SPACING = 2.0
 PHANTOM_ORGAN_SCALE = 1.4
 ROI_SIZE = (32, 24, 32)
 
-# method -> adapt() options and AdamW learning rate. PEFT methods also train the new head (thesis 4.2.5).
-# Learning rates: the best validation Dice of a grid per method (benchmarks/demo_learning_rates.py; the grid and its
-# figures are in docs/monai_workflows_and_bundles.md). Adapters start at the identity and take larger steps than
-# the weights full fine-tuning moves: full fine-tuning peaks at 1e-2, the adapters at 3e-2 to 1e-1.
-DEMO_METHODS: dict[str, dict[str, Any]] = {
-    "full": {"options": {}, "lr": 1e-2},
-    "convadapter": {"options": {"train_fully": "head"}, "lr": 3e-2},
-    "lora": {"options": {"train_fully": "head", "r": 4}, "lr": 3e-2},
-    "ssf": {"options": {"train_fully": "head"}, "lr": 1e-1},
-}
-# the foundation model's pretraining from scratch: 5e-3 beat 3e-3 and 1e-2 over 200 steps (all organs learnt)
-PRETRAIN_LR = 5e-3
 
 
 def demo_network(out_channels: int, init_filters: int = 8) -> SegResNet:
