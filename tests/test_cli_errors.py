@@ -97,9 +97,10 @@ def _cases(files: Path) -> dict[str, tuple[list[str], str]]:
         "protoseg": (["protoseg", "--image", ct, "--output-dir", str(files / "ps"), "--init-filters", "8",
                       "--pixdim", "6", "6", "6", "--roi-size", "16", "16", "8"], "--label is required"),
         "pareto": (["pareto", str(files / "no_runs_here")], "argument inputs: no such file or folder"),
+        "curves": (["curves", str(files / "occupied")], "no results.json under"),
         "sweep": (["sweep", "plan", "bundles/x", "--set", "max_epochs"], "--set expects NAME=VALUE"),
         "presets": (["presets", "--out-channels", "0"], "argument --out-channels: expected a positive integer"),
-        "demo": (["demo", "--size", "13", "--output-dir", str(files / "demo")], "size must be a multiple of 4"),
+        "demo": (["demo", "--lr", "lora=fast", "--output-dir", str(files / "demo")], "'fast' is not a number"),
         "echo": (["echo", "train", "--backbone", str(files / "nope"), "--camus", str(files), "--task", "view",
                   "--out", str(files / "echo")], "argument --backbone: no such folder"),
     }

@@ -95,6 +95,7 @@ def case_modality(args: argparse.Namespace) -> str:
     if found:
         return next(iter(found.values()))
     import nibabel as nib
+    import numpy as np
 
     lowest = float(np.min(np.asanyarray(nib.load(str(args.image)).dataobj)))
     modality = "ct" if lowest < -500.0 else "mr"

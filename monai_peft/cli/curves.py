@@ -15,11 +15,13 @@ import argparse
 import json
 from pathlib import Path
 
+from monai_peft.cli._arg_types import existing_path
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from monai_peft.analysis.curves import METRICS, PANELS, X_AXES
 
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders or results.json files")
+    parser.add_argument("runs", nargs="+", type=existing_path, help="run folders or results.json files")
     parser.add_argument("-o", "--output", type=Path, default=Path("curves.png"), help="PNG to write (default: %(default)s)")
     parser.add_argument("--metric", choices=METRICS, default="val_mean_dice", help="y axis (default: %(default)s)")
     parser.add_argument("--x", choices=X_AXES, default="epoch", help="x axis (default: %(default)s)")
