@@ -119,7 +119,8 @@ def _args_video_pretrain(p: argparse.ArgumentParser) -> None:
 
 
 def _args_video_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, type=existing_dir, help="local VideoMAE checkpoint folder (video-pretrain OUT/checkpoint)")
+    p.add_argument("--checkpoint", required=True,
+                   help="local VideoMAE checkpoint: a folder (video-pretrain OUT/checkpoint) or a weights file; never a Hub id")
     p.add_argument("--echonet", required=True, type=existing_dir)
     p.add_argument("--out", required=True, help="run folder: adapter/, ef_model.json, results.json, test_predictions.*")
     p.add_argument("--method", default="lora",
