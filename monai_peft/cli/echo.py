@@ -121,10 +121,14 @@ def _args_video_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--echonet", required=True)
     p.add_argument("--out", required=True, help="run folder: adapter/, ef_model.json, results.json, test_predictions.*")
     p.add_argument("--method", default="lora",
-                   help="lora, full, head (linear probe), ssf, bitfit, norm, or another monai_peft.adapt method; "
-                        "default lora")
+                   help="lora, full, head (linear probe), ssf, bitfit, norm, vpt (visual prompts), bottleneck "
+                        "(bottleneck adapters), or another monai_peft.adapt method; default lora")
     p.add_argument("--layers", choices=("attention", "all"), default="attention", help="LoRA placement")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option of monai_peft.adapt (VALUE read as JSON, else text), repeatable, e.g. "
+                        "--option variant=shallow --option num_tokens=5 (vpt), --option insertion=parallel "
+                        "(bottleneck)")
     p.add_argument("--clips", type=int, default=4, help="clips averaged per video at evaluation; default 4")
     p.add_argument("--resume", action="store_true", help="continue from OUT/adapter/last")
     _video_args(p, lr=None, epochs=10)
@@ -329,7 +333,15 @@ def _video_pretrain(args: argparse.Namespace) -> int:
 def _video_train(args: argparse.Namespace) -> int:
     from monai_peft.echo.video import finetune_video_ef
 
-    kwargs = {"r": args.rank} if args.rank is not None else None
+    kwargs = {"r": args.rank} if args.rank is not None else {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {item!r}: expected KEY=VALUE, e.g. variant=shallow.")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
     r = finetune_video_ef(args.checkpoint, args.echonet, args.out, args.method, args.layers, kwargs, args.epochs,
                           args.batch_size, args.lr, stride=args.stride, clips=args.clips, num_frames=args.frames,
                           image_size=args.image_size, amp=args.amp, accumulation_steps=args.accumulation_steps,
