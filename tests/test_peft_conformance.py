@@ -198,7 +198,8 @@ CASES = [
                  partial(BottleneckAdapterConfig, insertion="parallel", bottleneck_size=3)),
     _transformer("bn-sequential-videomae", "videomae",
                  partial(BottleneckAdapterConfig, bottleneck_size=3, activation="gelu")),
-    _transformer("bn-parallel-segformer", "segformer", partial(BottleneckAdapterConfig, insertion="parallel", scale=0.5)),
+    _transformer("bn-parallel-segformer", "segformer",
+                 partial(BottleneckAdapterConfig, insertion="parallel", scale=0.5)),
     _transformer("bn-sequential-monai-vit", "monai-vit",
                  partial(BottleneckAdapterConfig, bottleneck_size=2, activation="tanh")),
 ]
