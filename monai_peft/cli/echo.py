@@ -16,7 +16,7 @@ Examples::
     monai-peft echo predict --backbone runs/echo/backbone --adapters runs/echo/adapters/*/adapter \
         --camus data/camus --out runs/echo/pred --plot study.png
     monai-peft echo demo --out runs/echo_demo                             # the Segformer steps on phantoms
-    monai-peft echo compare --out runs/echo_compare                       # LoRA vs VPT vs adapters vs ..., phantoms
+    monai-peft echo compare --out runs/echo_compare --tasks segmentation ef  # LoRA vs VPT vs adapters vs ...
     monai-peft echo video-pretrain --echonet data/echonet --out runs/video # VideoMAE, 90% tube masking
     monai-peft echo video-train --checkpoint runs/video/checkpoint --echonet data/echonet --method lora \
         --out runs/video_lora
@@ -166,15 +166,20 @@ def _args_video_demo(p: argparse.ArgumentParser) -> None:
 def _args_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="writes OUT/comparison.json and OUT/comparison.png")
     p.add_argument("--camus", default=None, help="CAMUS folder; default: a phantom in OUT/data/camus")
-    p.add_argument("--echonet", default=None, help="EchoNet folder to pretrain on; default: a phantom")
+    p.add_argument("--echonet", default=None, help="EchoNet-Dynamic folder: Segformer pretraining and the ef task's "
+                   "videos; default: phantoms")
     p.add_argument("--backbone", default=None, help="pretrained backbone folder; default: pretrain on --echonet")
-    p.add_argument("--tasks", nargs="+", default=["segmentation"], help="segmentation (default), view, volume, age")
+    p.add_argument("--video-checkpoint", default=None, help="VideoMAE checkpoint folder for the ef task "
+                   "(video-pretrain OUT/checkpoint); default: MAE-pretrain a tiny VideoMAE on the ef videos")
+    p.add_argument("--tasks", nargs="+", default=["segmentation"], help="segmentation (default), view, volume, age, "
+                   "ef (video EF)")
     p.add_argument("--methods", nargs="+", default=None, help="default: lora vpt-shallow vpt-deep houlsby parallel "
                    "bitfit head full")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
                    help="replace a method's learning-rate grid, e.g. --lr lora=1e-3,3e-3")
     p.add_argument("--size", type=int, default=64, help="input side; default 64")
     p.add_argument("--epochs", type=int, default=8, help="epochs per run; default 8")
+    p.add_argument("--video-epochs", type=int, default=30, help="epochs per run of the ef task; default 30")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--pretrain-epochs", type=int, default=6, help="pretext epochs when pretraining here; default 6")
     p.add_argument("--mit-b0", action="store_true", help="pretrain full-width MiT-B0 instead of the narrow one")
@@ -386,13 +391,14 @@ def _compare(args: argparse.Namespace) -> int:
             lrs[method] = [float(v) for v in values.split(",")]
         except ValueError:
             raise ValueError(f"--lr {item!r}: expected METHOD=LR[,LR...], e.g. lora=1e-3,3e-3.") from None
-    common = dict(camus=args.camus, echonet=args.echonet, backbone=args.backbone, seed=args.seed,
-                  device=args.device, tiny=not args.mit_b0)
+    common = dict(camus=args.camus, echonet=args.echonet, backbone=args.backbone,
+                  video_checkpoint=args.video_checkpoint, seed=args.seed, device=args.device, tiny=not args.mit_b0)
     if args.fast:
         settings, lrs = fast_settings(args.out, **common), {**FAST_LRS, **lrs}
     else:
         settings = CompareSettings(out=args.out, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
-                                   pretrain_epochs=args.pretrain_epochs, progress=True, **common)
+                                   pretrain_epochs=args.pretrain_epochs, video_epochs=args.video_epochs,
+                                   progress=True, **common)
     result = run_comparison(settings, args.tasks, args.methods, lrs)
     print(comparison_table(result))
     print(f"wrote {Path(args.out) / 'comparison.json'}, {Path(args.out) / 'comparison.png'}")
