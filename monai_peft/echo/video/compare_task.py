@@ -56,7 +56,8 @@ def ef_checkpoint(settings: CompareSettings, videos: Path) -> Path:
     if settings.video_checkpoint:
         return Path(settings.video_checkpoint)
     run = Path(settings.out) / "video_pretrain"
-    recipe = {"videos": str(videos.resolve()), "epochs": settings.video_pretrain_epochs, "seed": settings.seed}
+    recipe = {"videos": str(videos.resolve()), "epochs": settings.video_pretrain_epochs, "seed": settings.seed,
+              "train_videos": sorted(r.name for r in find_echonet(videos, "TRAIN", require_tracings=False))}
     stamp = run / "compare_recipe.json"
     if (run / "checkpoint" / "config.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == recipe:
         return run / "checkpoint"
