@@ -241,13 +241,6 @@ def resample_to_grid(
     return out
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two binary masks; two empty masks score 1.0."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    denom = a.sum() + b.sum()
-    return 1.0 if denom == 0 else float(2.0 * np.logical_and(a, b).sum() / denom)
-
-
 def central_slices(volume: np.ndarray, center: Sequence[int]) -> list[np.ndarray]:
     """Three orthogonal 2D slices of ``volume (H, W, D)`` through ``center``, each transposed for display."""
     i, j, k = (int(c) for c in center)
