@@ -151,3 +151,17 @@ def test_cannot_merge_but_unloads_to_the_base_model():
     assert not any(isinstance(m, BottleneckAdapterLayer) for m in plain.modules())
     with torch.no_grad():
         assert torch.equal(tokens(plain(**inputs)), ref)
+
+
+@pytest.mark.parametrize("insertion", INSERTIONS)
+def test_adapt_bottleneck_is_the_peft_method_on_the_default_sites(insertion):
+    from monai_peft import adapt
+
+    model, inputs = make("videomae")
+    ours = adapt(copy.deepcopy(model), "bottleneck", insertion=insertion, bottleneck_size=4, train_fully="embeddings")
+    plain = get_peft_model(copy.deepcopy(model), BottleneckAdapterConfig(insertion=insertion, bottleneck_size=4,
+                                                                         modules_to_save=["embeddings"]))
+    assert ours.state_dict().keys() == plain.state_dict().keys()
+    assert ours.peft_config["default"].insertion == insertion
+    with pytest.raises(ValueError, match="a module is either adapted or trained fully"):
+        adapt(copy.deepcopy(model), "bottleneck", target=["encoder.layer.0.attention"], train_fully="encoder.layer.0")

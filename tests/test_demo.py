@@ -70,7 +70,9 @@ def test_demo_compares_four_methods_and_repeats_exactly(tmp_path, capsys):
 
 
 def test_demo_rejects_bad_arguments(tmp_path, capsys):
-    assert main(["demo", "--output-dir", str(tmp_path), "--target-cases", "2", "0", "1", "--no-progress"]) == 2
-    assert "n_target must be three case counts >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses it: one line, exit 2
+        main(["demo", "--output-dir", str(tmp_path), "--target-cases", "2", "0", "1", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "--target-cases: expected a positive integer, got '0'" in capsys.readouterr().err
     assert main(["demo", "--output-dir", str(tmp_path), "--lr", "lora", "--no-progress"]) == 2
     assert "--lr expects METHOD=LR" in capsys.readouterr().err

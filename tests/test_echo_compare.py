@@ -1,5 +1,6 @@
-"""``monai-peft echo compare``: every PEFT family on the phantom echo segmentation task, learning-rate choice on the
-validation split, costs, and a new task added by one table entry (a VideoMAE regression like the coming EF task)."""
+"""``monai-peft echo compare``: every PEFT family on the phantom echo segmentation and video EF tasks, trainable
+parameters against the architectures, learning-rate choice on the validation split, EF metrics against a direct
+computation, costs, and a new task added by one table entry."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import peft
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import ConcatDataset
 
 from monai_peft.cli import main
-from monai_peft.echo import compare
+from monai_peft.echo import compare, find_echonet
 from monai_peft.echo.compare import (COMPARE_TASKS, FAST_LRS, METHODS, CompareTask, TaskSetup, choose_lr,
                                      fast_settings, run_comparison)
 
@@ -138,10 +141,91 @@ def test_cli_runs_on_given_data_and_names_bad_arguments(phantom_run, tmp_path, c
     assert saved["tasks"]["segmentation"]["methods"]["head"]["lr"] == 1e-2
     for bad, message in ((["--methods", "prompt"], "unknown method 'prompt'"),
                          (["--lr", "lora=fast"], "--lr 'lora=fast': expected METHOD=LR"),
-                         (["--tasks", "ef"], "unknown task 'ef'")):
+                         (["--tasks", "lvef"], "unknown task 'lvef'")):
         try:  # main() turns these ValueErrors into 'error: ...' and exit code 2 once the CLI error handling lands
             rc = main(base + bad)
         except ValueError as e:
             assert message in str(e)
         else:
             assert rc == 2 and message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ video EF
+# the tiny VideoMAE of the fast settings (monai_peft.echo.video.demo.TINY_VIDEOMAE, TINY_CLIP): width D, L blocks,
+# MLP width I, 8 x 8 x 2 tubelets of 1 channel; and the method defaults: prompts, bottleneck size, LoRA rank
+D, L, I, PATCH = 32, 2, 64, 1 * 2 * 8 * 8
+N_TOK, M, R = 10, 16, 8
+
+
+@pytest.fixture(scope="module")
+def ef_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare_ef")
+    settings = fast_settings(out)
+    lrs = {**FAST_LRS, "lora": (1e-3, 1e-2, 3e-2)}  # three rates: the choice on the validation split is exercised
+    return settings, run_comparison(settings, ["ef"], list(METHODS), lrs)
+
+
+def test_ef_rows_count_the_videomae_and_keep_the_best_validation_rate(ef_run):
+    settings, result = ef_run
+    res = result["tasks"]["ef"]
+    rows = res["methods"]
+    assert list(rows) == list(METHODS) and res["metric"] == "mae" and res["higher_is_better"] is False
+    assert (res["num_train"], res["num_val"], res["num_test"]) == (6, 2, 2)  # 10 phantom videos, 60 / 20 / 20 %
+    head = 2 * D + D + 1  # EFHead: LayerNorm + Linear(D, 1)
+    block = 4 * D * D + 3 * D + 2 * D * I + I + D + 2 * 2 * D  # q, k, v, o (k without bias), MLP, two LayerNorms
+    total = PATCH * D + D + L * block + head  # position embeddings are fixed sin-cos buffers
+    expected = {
+        "full": total, "head": head,
+        "lora": head + L * 4 * R * (D + D),  # query, key, value, attention output
+        "vpt-deep": head + L * N_TOK * D, "vpt-shallow": head + N_TOK * D,
+        "houlsby": head + L * 2 * (2 * D * M + M + D), "parallel": head + L * 2 * (2 * D * M + M + D),
+        "bitfit": head + D + L * (3 * D + I + D + 2 * D),  # biases: patch conv, q, v, o, MLP in/out, LayerNorms
+    }
+    assert {n: r["trainable_params"] for n, r in rows.items()} == expected
+    assert all(r["total_params"] == total for r in rows.values())
+    for name, r in rows.items():
+        best = min(r["lr_grid"], key=lambda g: g["val"])  # EF MAE: lower is better
+        assert (r["lr"], r["val"]) == (best["lr"], best["val"]), name
+        scores = r["test_scores"]
+        assert r["test"] == scores["mae"] and scores["n"] == 2 and scores["rmse"] >= scores["mae"], name
+        assert scores["r2"] is not None
+    assert len({g["val"] for g in rows["lora"]["lr_grid"]}) == 3, "three rates, three validation results"
+    videos = Path(settings.out) / "data" / "echonet_ef"
+    train_ef, test_ef = ([r.ef for r in find_echonet(videos, split, require_tracings=False)]
+                         for split in ("TRAIN", "TEST"))
+    mean = sum(train_ef) / len(train_ef)
+    assert res["reference"]["mae"] == pytest.approx(sum(abs(mean - t) for t in test_ef) / len(test_ef))
+    table = compare.comparison_table(result)
+    assert "| test mae | test rmse | test r2 |" in table and "| vpt-deep | 737 |" in table
+    assert f"| (predict the training mean EF) | 0 | 0.00 | - | - | {res['reference']['mae']:.3f} |" in table
+    assert (Path(settings.out) / "video_pretrain" / "checkpoint" / "config.json").is_file()
+
+
+def test_ef_scores_are_the_metrics_of_clip_averaged_predictions(ef_run):
+    settings, _ = ef_run
+    setup = COMPARE_TASKS["ef"].prepare(settings)  # the run's phantom videos and pretrained VideoMAE again
+    torch.manual_seed(0)
+    model, _ = compare._build("vpt-deep", setup)
+    held_out = ConcatDataset([setup.val, setup.test])
+    got = setup.score(model, held_out)
+    model.eval()
+    with torch.no_grad():  # each item holds evenly spread clips (K, 1, T, H, W): the video's EF is their mean
+        pred = np.array([float(model(item["image"]).mean()) for item in held_out])
+    truth = np.array([float(item["label"][0]) for item in held_out])
+    assert got["n"] == 4 and setup.val[0]["image"].shape[0] == settings.video_clips == 2
+    err = pred - truth
+    assert got["mae"] == pytest.approx(np.abs(err).mean(), rel=1e-5)
+    assert got["rmse"] == pytest.approx(math.sqrt((err ** 2).mean()), rel=1e-5)
+    assert got["r2"] == pytest.approx(1 - (err ** 2).sum() / ((truth - truth.mean()) ** 2).sum(), rel=1e-4)
+
+
+def test_cli_ef_uses_the_given_videos_and_checkpoint(ef_run, tmp_path, capsys):
+    settings, _ = ef_run
+    videos = Path(settings.out) / "data" / "echonet_ef"
+    checkpoint = Path(settings.out) / "video_pretrain" / "checkpoint"
+    assert main(["echo", "compare", "--out", str(tmp_path), "--tasks", "ef", "--echonet", str(videos),
+                 "--video-checkpoint", str(checkpoint), "--methods", "head", "--fast"]) == 0
+    assert "### ef (mae, lower is better; 6 / 2 / 2" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    assert saved["tasks"]["ef"]["methods"]["head"]["trainable_params"] == 2 * D + D + 1
+    assert not (tmp_path / "data").exists() and not (tmp_path / "video_pretrain").exists()

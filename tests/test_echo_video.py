@@ -22,7 +22,8 @@ TINY = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "in
 # (image_size, num_frames, patch_size, tubelet_size)
 GEOMETRIES = [(32, 8, 8, 2), (48, 4, 16, 1), (16, 6, 4, 3)]
 METHODS = [("lora", "attention", {"r": 4}), ("lora", "all", {"r": 2}), ("ssf", None, {}), ("bitfit", None, {}),
-           ("norm", None, {}), ("full", None, {}), ("head", None, {})]
+           ("norm", None, {}), ("full", None, {}), ("head", None, {}), ("bottleneck", None, {}),
+           ("bottleneck", None, {"insertion": "parallel"})]
 
 
 def _cfg(image=32, frames=8, patch=8, tubelet=2, **kw):
@@ -226,4 +227,48 @@ def test_ef_fine_tuning_beats_the_training_mean(tmp_path):
     assert got["mae"] < 0.6 * mean_mae, (got, mean_mae)  # a model that ignores the video scores ~1.0 x
     assert got["r2"] > 0.5
     assert (tmp_path / "run" / "test_predictions.csv").is_file() and (tmp_path / "run" / "test_predictions.png").is_file()
-    assert rec["frozen_backbone"]["unchanged"] is True and rec["parameters"]["trainable"] > 0
+    assert rec["frozen_backbone"] is None  # full fine-tuning freezes nothing: there is no frozen backbone to check
+    assert rec["parameters"]["trainable"] == rec["parameters"]["total"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, options, trainable", [
+    ("vpt", {"num_tokens": 3}, 1 * 3 * 16),  # 1 block x 3 prompts x width 16
+    ("bottleneck", {"insertion": "parallel", "bottleneck_size": 4}, 1 * 2 * (2 * 16 * 4 + 4 + 16)),  # 2 sites/block
+])
+def test_video_train_with_prompts_or_bottleneck_adapters_reloads_to_identical_predictions(phantom, tmp_path, method,
+                                                                                          options, trainable):
+    import json
+
+    from safetensors.torch import load_file
+
+    from monai_peft.cli import main
+    from monai_peft.echo.video import evaluate_video_ef, predict_video_ef
+
+    root, rows = phantom
+    torch.manual_seed(0)
+    save_videomae_checkpoint(VideoMAEPretrainNet(_cfg()), tmp_path / "ckpt")
+    run = tmp_path / method
+    option_args = [a for k, v in options.items() for a in ("--option", f"{k}={v}")]
+    assert main(["echo", "video-train", "--checkpoint", str(tmp_path / "ckpt"), "--echonet", str(root), "--method",
+                 method, *option_args, "--frames", "8", "--stride", "1", "--image-size", "32", "--epochs", "2",
+                 "--batch-size", "2", "--clips", "2", "--out", str(run)]) == 0
+    spec = json.loads((run / "ef_model.json").read_text())
+    assert spec["method"] == method and spec["method_kwargs"] == options  # "3" read as the number 3
+    record = json.loads((run / "results.json").read_text())
+    head = 2 * 16 + 16 + 1
+    assert record["parameters"]["trainable"] == trainable + head and record["frozen_backbone"]["unchanged"] is True
+    saved = load_file(run / "adapter" / "best" / "adapter_model.safetensors")
+    prefix = "vpt_prompts" if method == "vpt" else "bottleneck_"
+    assert {k for k in saved if prefix not in k and ".head." not in k} == set()
+    assert sum(v.numel() for k, v in saved.items() if prefix in k) == trainable
+    if method == "bottleneck":  # zero-initialised up-projections: trained ones are not zero any more
+        assert all(v.abs().sum() > 0 for k, v in saved.items() if "bottleneck_up" in k and k.endswith("weight"))
+    # a fresh network + the saved adapter gives the trained model's test predictions, to the float
+    test = evaluate_video_ef(run, root, out_dir=tmp_path / "again", progress=False, log_stats=False)
+    assert test["all"]["mae"] == record["test"]["all"]["mae"] and test["all"]["n"] == 1
+    assert (tmp_path / "again" / "test_predictions.csv").read_text() == (run / "test_predictions.csv").read_text()
+    videos = [root / "Videos" / f"{r['FileName']}.avi" for r in rows if r["Split"] == "TEST"]
+    predicted = predict_video_ef(run, videos)["videos"]
+    (name, ef), = predicted.items()
+    assert abs(ef - [r for r in rows if r["FileName"] == name][0]["EF"]) == pytest.approx(record["test"]["all"]["mae"])

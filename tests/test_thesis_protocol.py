@@ -3,6 +3,7 @@ checks (4.2.5.3, Table 5.9), the evaluation protocol in the run record (Table 4.
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 from monai.transforms import Compose
@@ -16,6 +17,7 @@ from monai_peft.data import (
     subset_split,
     task_id_map,
     val_transforms,
+    write_case,
     write_phantom_dataset,
 )
 from monai_peft.workflows.bundle import (
@@ -77,7 +79,9 @@ def folders(tmp_path_factory):
         import_multilabel_case(mr.image, mr.label, task_id_map(mr.class_map, mr.task), root / "mr" / f"s{i:04d}",
                                modality="mr", write_empty=True)
     empty = root / "mr" / "s0004"
-    import_multilabel_case(mr.image, mr.label, {}, empty, modality="mr")  # an image, no segmentation at all
+    image = nib.load(mr.image)
+    write_case(empty, np.asarray(image.dataobj), image.affine, np.zeros(image.shape, np.int64), {},
+               modality="mr", write_empty=False)  # an image, no segmentation at all
     return root
 
 

@@ -256,3 +256,20 @@ def test_bad_options_merge_and_state_dict_injection_are_refused():
         inject_adapter_in_model(VPTConfig(), make("vit")[0], state_dict={"layers.0.vpt_prompts": torch.zeros(1)})
     plain = pm.unload()
     assert not any(isinstance(m, VPTLayer) for m in plain.modules())
+
+
+@pytest.mark.parametrize("variant", ["deep", "shallow"])
+def test_adapt_vpt_is_the_peft_method_on_every_block(variant):
+    from monai.networks.nets import SegResNet
+
+    from monai_peft import adapt
+
+    model, inputs = make("segformer")
+    torch.manual_seed(0)
+    ours = adapt(copy.deepcopy(model), "vpt", variant=variant, num_tokens=2)
+    torch.manual_seed(0)
+    plain = get_peft_model(copy.deepcopy(model), VPTConfig(variant=variant, num_tokens=2))
+    mine, theirs = ours.state_dict(), plain.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    with pytest.raises(ValueError, match="SegResNet contains no transformer block"):
+        adapt(SegResNet(spatial_dims=2, init_filters=8, blocks_down=(1, 1), blocks_up=(1,)), "vpt")

@@ -16,7 +16,7 @@ Examples::
     monai-peft echo predict --backbone runs/echo/backbone --adapters runs/echo/adapters/*/adapter \
         --camus data/camus --out runs/echo/pred --plot study.png
     monai-peft echo demo --out runs/echo_demo                             # the Segformer steps on phantoms
-    monai-peft echo compare --out runs/echo_compare                       # LoRA vs VPT vs adapters vs ..., phantoms
+    monai-peft echo compare --out runs/echo_compare --tasks segmentation ef  # LoRA vs VPT vs adapters vs ...
     monai-peft echo video-pretrain --echonet data/echonet --out runs/video # VideoMAE, 90% tube masking
     monai-peft echo video-train --checkpoint runs/video/checkpoint --echonet data/echonet --method lora \
         --out runs/video_lora
@@ -119,14 +119,19 @@ def _args_video_pretrain(p: argparse.ArgumentParser) -> None:
 
 
 def _args_video_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, type=existing_dir, help="local VideoMAE checkpoint folder (video-pretrain OUT/checkpoint)")
+    p.add_argument("--checkpoint", required=True,
+                   help="local VideoMAE checkpoint: a folder (video-pretrain OUT/checkpoint) or a weights file; never a Hub id")
     p.add_argument("--echonet", required=True, type=existing_dir)
     p.add_argument("--out", required=True, help="run folder: adapter/, ef_model.json, results.json, test_predictions.*")
     p.add_argument("--method", default="lora",
-                   help="lora, full, head (linear probe), ssf, bitfit, norm, or another monai_peft.adapt method; "
-                        "default lora")
+                   help="lora, full, head (linear probe), ssf, bitfit, norm, vpt (visual prompts), bottleneck "
+                        "(bottleneck adapters), or another monai_peft.adapt method; default lora")
     p.add_argument("--layers", choices=("attention", "all"), default="attention", help="LoRA placement")
     p.add_argument("--rank", type=positive_int, default=None, help="LoRA rank (default 8)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option of monai_peft.adapt (VALUE read as JSON, else text), repeatable, e.g. "
+                        "--option variant=shallow --option num_tokens=5 (vpt), --option insertion=parallel "
+                        "(bottleneck)")
     p.add_argument("--clips", type=positive_int, default=4, help="clips averaged per video at evaluation; default 4")
     p.add_argument("--resume", action="store_true", help="continue from OUT/adapter/last")
     _video_args(p, lr=None, epochs=10)
@@ -164,15 +169,20 @@ def _args_video_demo(p: argparse.ArgumentParser) -> None:
 def _args_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="writes OUT/comparison.json and OUT/comparison.png")
     p.add_argument("--camus", default=None, help="CAMUS folder; default: a phantom in OUT/data/camus")
-    p.add_argument("--echonet", default=None, help="EchoNet folder to pretrain on; default: a phantom")
+    p.add_argument("--echonet", default=None, help="EchoNet-Dynamic folder: Segformer pretraining and the ef task's "
+                   "videos; default: phantoms")
     p.add_argument("--backbone", default=None, help="pretrained backbone folder; default: pretrain on --echonet")
-    p.add_argument("--tasks", nargs="+", default=["segmentation"], help="segmentation (default), view, volume, age")
+    p.add_argument("--video-checkpoint", default=None, help="VideoMAE checkpoint folder for the ef task "
+                   "(video-pretrain OUT/checkpoint); default: MAE-pretrain a tiny VideoMAE on the ef videos")
+    p.add_argument("--tasks", nargs="+", default=["segmentation"], help="segmentation (default), view, volume, age, "
+                   "ef (video EF)")
     p.add_argument("--methods", nargs="+", default=None, help="default: lora vpt-shallow vpt-deep houlsby parallel "
                    "bitfit head full")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
                    help="replace a method's learning-rate grid, e.g. --lr lora=1e-3,3e-3")
     p.add_argument("--size", type=positive_int, default=64, help="input side; default 64")
     p.add_argument("--epochs", type=positive_int, default=8, help="epochs per run; default 8")
+    p.add_argument("--video-epochs", type=positive_int, default=30, help="epochs per run of the ef task; default 30")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--pretrain-epochs", type=positive_int, default=6, help="pretext epochs when pretraining here; default 6")
     p.add_argument("--mit-b0", action="store_true", help="pretrain full-width MiT-B0 instead of the narrow one")
@@ -331,7 +341,15 @@ def _video_pretrain(args: argparse.Namespace) -> int:
 def _video_train(args: argparse.Namespace) -> int:
     from monai_peft.echo.video import finetune_video_ef
 
-    kwargs = {"r": args.rank} if args.rank is not None else None
+    kwargs = {"r": args.rank} if args.rank is not None else {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {item!r}: expected KEY=VALUE, e.g. variant=shallow.")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
     r = finetune_video_ef(args.checkpoint, args.echonet, args.out, args.method, args.layers, kwargs, args.epochs,
                           args.batch_size, args.lr, stride=args.stride, clips=args.clips, num_frames=args.frames,
                           image_size=args.image_size, amp=args.amp, accumulation_steps=args.accumulation_steps,
@@ -376,13 +394,14 @@ def _compare(args: argparse.Namespace) -> int:
             lrs[method] = [float(v) for v in values.split(",")]
         except ValueError:
             raise ValueError(f"--lr {item!r}: expected METHOD=LR[,LR...], e.g. lora=1e-3,3e-3.") from None
-    common = dict(camus=args.camus, echonet=args.echonet, backbone=args.backbone, seed=args.seed,
-                  device=args.device, tiny=not args.mit_b0)
+    common = dict(camus=args.camus, echonet=args.echonet, backbone=args.backbone,
+                  video_checkpoint=args.video_checkpoint, seed=args.seed, device=args.device, tiny=not args.mit_b0)
     if args.fast:
         settings, lrs = fast_settings(args.out, **common), {**FAST_LRS, **lrs}
     else:
         settings = CompareSettings(out=args.out, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
-                                   pretrain_epochs=args.pretrain_epochs, progress=True, **common)
+                                   pretrain_epochs=args.pretrain_epochs, video_epochs=args.video_epochs,
+                                   progress=True, **common)
     result = run_comparison(settings, args.tasks, args.methods, lrs)
     print(comparison_table(result))
     print(f"wrote {Path(args.out) / 'comparison.json'}, {Path(args.out) / 'comparison.png'}")

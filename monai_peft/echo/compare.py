@@ -10,8 +10,9 @@ held before it (weights, optimizer state; reported separately).
 
 A task is one :data:`COMPARE_TASKS` entry: its ``prepare(settings)`` returns the datasets, a factory for fresh copies
 of the pretrained backbone, the head, the loss, the scorer and the task's LoRA placement. The echo-seed tasks
-(``segmentation``, ``view``, ``volume``, ``age``) share :func:`camus_task`; a video EF task adds one entry whose
-``prepare`` builds its VideoMAE backbone (VPT and bottleneck adapters find VideoMAE's blocks themselves).
+(``segmentation``, ``view``, ``volume``, ``age``) share :func:`camus_task` (Segformer); ``ef`` is the video EF task
+(:func:`monai_peft.echo.video.compare_task.video_ef_task`: MAE-pretrained VideoMAE, EF MAE / RMSE / R^2; VPT and
+bottleneck adapters find VideoMAE's blocks themselves).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional
@@ -32,7 +33,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from monai.data import DataLoader
+from torch.utils.data import Dataset
 
 from monai_peft.io import atomic_save_figure
 
@@ -66,6 +68,15 @@ class CompareSettings:
         pretrain_epochs: epochs of the pretext task when pretraining here.
         tiny: narrow MiT-B0 (TINY_SEGFORMER) when pretraining here; False uses MiT-B0.
         num_patients / num_videos: phantom sizes.
+        video_checkpoint: VideoMAE checkpoint folder for the ``ef`` task (``monai-peft echo video-pretrain``
+            ``OUT/checkpoint``); None MAE-pretrains the tiny VideoMAE of ``echo video-demo`` on the EF videos' TRAIN
+            split. The EF videos are ``echonet`` when given, else ``num_ef_videos`` phantom videos.
+        num_ef_videos: EF phantom videos (60 / 20 / 20 % train / validation / test). video_pretrain_epochs: MAE
+            epochs when pretraining here. video_epochs: EF training epochs per run (instead of ``epochs``).
+        video_stride: frame step inside a clip (the tiny VideoMAE's 2; EchoNet-Dynamic at 30 fps with 16-frame
+            VideoMAE clips: 4). video_clips: clips averaged per video at evaluation.
+        video_cache_rate: fraction of decoded, resized videos kept in memory (EchoNet-Dynamic at 112 pixels: about
+            2 MB per video).
         cost_rounds: interleaved timing rounds per method (after one warm-up step each).
         seed: seed of every run (weights of new parameters, batch order). device: torch device.
         progress: tqdm bars.
@@ -82,6 +93,13 @@ class CompareSettings:
     tiny: bool = True
     num_patients: int = 30
     num_videos: int = 16
+    video_checkpoint: Optional[str] = None
+    num_ef_videos: int = 120
+    video_pretrain_epochs: int = 150
+    video_epochs: int = 30
+    video_stride: int = 2
+    video_clips: int = 2
+    video_cache_rate: float = 1.0
     cost_rounds: int = 5
     seed: int = 0
     device: str = "cpu"
@@ -99,6 +117,9 @@ class TaskSetup:
         loss: ``loss(output, label)``.
         score: ``score(model, dataset) -> dict`` holding the task's metric.
         lora_config: the task's LoRA config for a backbone (LoRA placement is model-specific).
+        epochs: training epochs of every run of this task; None uses ``CompareSettings.epochs``.
+        reference: a result without training shown beside the methods, on the test split, e.g.
+            ``{"label": "predict the training mean EF", "mae": ..., ...}``; None shows none.
     """
 
     train: Dataset
@@ -109,6 +130,8 @@ class TaskSetup:
     loss: nn.Module
     score: Callable[[nn.Module, Dataset], dict]
     lora_config: Callable[[nn.Module], Any]
+    epochs: Optional[int] = None
+    reference: Optional[dict] = None
 
 
 @dataclass(frozen=True)
@@ -118,12 +141,16 @@ class CompareTask:
     Args:
         name: task name. metric: key of the score dict (``mean_dice``, ``accuracy``, ``mae``).
         higher_is_better: direction of the metric. prepare: ``prepare(settings) -> TaskSetup``.
+        extra_metrics: further keys of the score dict shown in the table (test split), e.g. ``("rmse", "r2")``.
+        lrs: learning-rate grids of this task replacing a method's default grid (:data:`METHODS`), by method name.
     """
 
     name: str
     metric: str
     higher_is_better: bool
     prepare: Callable[[CompareSettings], TaskSetup]
+    extra_metrics: tuple[str, ...] = ()
+    lrs: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -147,22 +174,10 @@ def _peft(config_factory: Callable[[nn.Module, TaskSetup], Any], backbone: nn.Mo
     return peft.get_peft_model(backbone, config_factory(backbone, setup))
 
 
-def _vpt(variant: str, backbone: nn.Module, setup: TaskSetup) -> nn.Module:
-    from monai_peft.tuners.vpt import VPTConfig
-
-    return _peft(lambda b, s: VPTConfig(variant=variant), backbone, setup)
-
-
-def _bottleneck(insertion: str, backbone: nn.Module, setup: TaskSetup) -> nn.Module:
-    from monai_peft.tuners.bottleneck import BottleneckAdapterConfig
-
-    return _peft(lambda b, s: BottleneckAdapterConfig(insertion=insertion), backbone, setup)
-
-
-def _bitfit(backbone: nn.Module, setup: TaskSetup) -> nn.Module:
+def _adapt(method: str, options: dict, backbone: nn.Module, setup: TaskSetup) -> nn.Module:
     from monai_peft.adapt import adapt
 
-    return adapt(backbone, "bitfit")
+    return adapt(backbone, method, **options)
 
 
 def _frozen(backbone: nn.Module, setup: TaskSetup) -> nn.Module:
@@ -180,11 +195,13 @@ _VPT_LRS = (1e-2, 3e-2, 1e-1, 3e-1)  # prompts take larger steps (Jia et al. tun
 # method name -> row; each method trains the task head too (the echo seed's "adapter" = LoRA + task head)
 METHODS: dict[str, CompareMethod] = {
     "lora": CompareMethod("LoRA (the task's placement)", _PEFT_LRS, partial(_peft, lambda b, s: s.lora_config(b))),
-    "vpt-shallow": CompareMethod("VPT-shallow", _VPT_LRS, partial(_vpt, "shallow")),
-    "vpt-deep": CompareMethod("VPT-deep", _VPT_LRS, partial(_vpt, "deep")),
-    "houlsby": CompareMethod("bottleneck, sequential (Houlsby)", _PEFT_LRS, partial(_bottleneck, "sequential")),
-    "parallel": CompareMethod("bottleneck, parallel (He et al.)", _PEFT_LRS, partial(_bottleneck, "parallel")),
-    "bitfit": CompareMethod("BitFit", _PEFT_LRS, _bitfit),
+    "vpt-shallow": CompareMethod("VPT-shallow", _VPT_LRS, partial(_adapt, "vpt", {"variant": "shallow"})),
+    "vpt-deep": CompareMethod("VPT-deep", _VPT_LRS, partial(_adapt, "vpt", {"variant": "deep"})),
+    "houlsby": CompareMethod("bottleneck, sequential (Houlsby)", _PEFT_LRS,
+                             partial(_adapt, "bottleneck", {"insertion": "sequential"})),
+    "parallel": CompareMethod("bottleneck, parallel (He et al.)", _PEFT_LRS,
+                              partial(_adapt, "bottleneck", {"insertion": "parallel"})),
+    "bitfit": CompareMethod("BitFit", _PEFT_LRS, partial(_adapt, "bitfit", {})),
     "head": CompareMethod("head only", _PEFT_LRS, _frozen),
     "full": CompareMethod("full fine-tuning", (3e-4, 1e-3, 3e-3, 1e-2), _full),
 }
@@ -247,11 +264,20 @@ def camus_task(task: str, settings: CompareSettings) -> TaskSetup:
     )
 
 
+def _video_ef_task(settings: CompareSettings) -> TaskSetup:
+    from .video.compare_task import video_ef_task  # imports this module's TaskSetup
+
+    return video_ef_task(settings)
+
+
 COMPARE_TASKS: dict[str, CompareTask] = {
     "segmentation": CompareTask("segmentation", "mean_dice", True, partial(camus_task, "segmentation")),
     "view": CompareTask("view", "accuracy", True, partial(camus_task, "view")),
     "volume": CompareTask("volume", "mae", False, partial(camus_task, "volume")),
     "age": CompareTask("age", "mae", False, partial(camus_task, "age")),
+    # LoRA and bottleneck adapters had their best EF rate at the lower edge of the default grid: one step lower here
+    "ef": CompareTask("ef", "mae", False, _video_ef_task, extra_metrics=("rmse", "r2"),
+                      lrs={m: (1e-3, 3e-3, 1e-2, 3e-2) for m in ("lora", "houlsby", "parallel")}),
 }
 
 
@@ -288,6 +314,8 @@ def _peft_config(model: nn.Module) -> Optional[dict]:
 
 
 def _loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled batches; MONAI's loader also seeds the random transforms (e.g. video clip starts) from ``seed``, so
+    every run of a grid sees the same batches."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
@@ -295,7 +323,8 @@ def _train_one(method: str, lr: float, setup: TaskSetup, settings: CompareSettin
     torch.manual_seed(settings.seed)
     model, base_total = _build(method, setup)
     t0 = time.perf_counter()
-    history = fit(model, _loader(setup.train, settings.batch_size, settings.seed), setup.loss, settings.epochs, lr,
+    epochs = setup.epochs if setup.epochs is not None else settings.epochs
+    history = fit(model, _loader(setup.train, settings.batch_size, settings.seed), setup.loss, epochs, lr,
                   device=settings.device, progress=settings.progress)
     record = {"lr": lr, "train_loss": history, "seconds": time.perf_counter() - t0, "peft_config": _peft_config(model),
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -390,7 +419,7 @@ def _compare_task(task: CompareTask, methods: Sequence[str], settings: CompareSe
     chosen: dict[str, tuple[nn.Module, float]] = {}
     for method in methods:
         grid, models = [], []
-        for lr in lrs.get(method, METHODS[method].lrs):
+        for lr in lrs.get(method, task.lrs.get(method, METHODS[method].lrs)):
             model, record = _train_one(method, float(lr), setup, settings)
             record["val"] = float(setup.score(model, setup.val)[task.metric])
             logger.info("%s / %s lr %g: validation %s %.4f", task.name, method, lr, task.metric, record["val"])
@@ -412,8 +441,9 @@ def _compare_task(task: CompareTask, methods: Sequence[str], settings: CompareSe
     costs = measure_costs(chosen, setup.loss, batch, settings.device, settings.cost_rounds)
     for method in methods:
         rows[method].update(costs[method])
-    return {"metric": task.metric, "higher_is_better": task.higher_is_better, "num_train": len(setup.train),
-            "num_val": len(setup.val), "num_test": len(setup.test), "methods": rows}
+    return {"metric": task.metric, "higher_is_better": task.higher_is_better,
+            "extra_metrics": list(task.extra_metrics), "num_train": len(setup.train), "num_val": len(setup.val),
+            "num_test": len(setup.test), "reference": setup.reference, "methods": rows}
 
 
 def run_comparison(settings: CompareSettings, tasks: Sequence[str] = ("segmentation",),
@@ -425,7 +455,8 @@ def run_comparison(settings: CompareSettings, tasks: Sequence[str] = ("segmentat
         settings: data, backbone and budget (:class:`CompareSettings`).
         tasks: :data:`COMPARE_TASKS` keys. Default ``("segmentation",)``.
         methods: :data:`METHODS` keys. Default all, in table order.
-        lrs: per-method learning-rate grids replacing the defaults, e.g. ``{"lora": [1e-3]}``.
+        lrs: per-method learning-rate grids replacing the defaults (the task's, else the method's), e.g.
+            ``{"lora": [1e-3]}``.
 
     Returns:
         ``{"settings", "tasks": {task: {"metric", "methods": {method: row}}}, "seconds"}``; a row holds the
@@ -461,19 +492,27 @@ def run_comparison(settings: CompareSettings, tasks: Sequence[str] = ("segmentat
 
 # ----------------------------------------------------------------------------------------------------- report
 def comparison_table(result: dict) -> str:
-    """A Markdown table per task: method, trainable parameters, chosen lr, validation / test metric, costs."""
+    """A Markdown table per task: method, trainable parameters, chosen lr, validation / test metric (and the task's
+    extra test metrics), costs."""
     lines = []
     for task, res in result["tasks"].items():
-        m = res["metric"]
+        m, extra = res["metric"], res.get("extra_metrics", [])
         lines += [f"### {task} ({m}, {'higher' if res['higher_is_better'] else 'lower'} is better; "
                   f"{res['num_train']} / {res['num_val']} / {res['num_test']} train / val / test samples)", "",
-                  f"| method | trainable params | % of model | lr | val {m} | test {m} | step ms | step vs full "
-                  "| peak step MB | optimizer state MB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"| method | trainable params | % of model | lr | val {m} | test {m} | "
+                  + "".join(f"test {k} | " for k in extra)
+                  + "step ms | step vs full | peak step MB | optimizer state MB |",
+                  "|---|" + "---:|" * (9 + len(extra))]
+        ref = res.get("reference")
+        if ref:
+            scores = "".join("- | " if ref.get(k) is None else f"{ref[k]:.3f} | " for k in (m, *extra))
+            lines.append(f"| ({ref['label']}) | 0 | 0.00 | - | - | {scores}- | - | - | - |")
         for name, r in res["methods"].items():
             ratio = f"{r['step_time_vs_full']:.2f}" if "step_time_vs_full" in r else "-"
+            more = "".join("- | " if r["test_scores"].get(k) is None else f"{r['test_scores'][k]:.3f} | "
+                           for k in extra)
             lines.append(f"| {name} | {r['trainable_params']:,} | {r['percent_trainable']:.2f} | {r['lr']:g} | "
-                         f"{r['val']:.3f} | {r['test']:.3f} | {1000 * r['step_seconds']:.1f} | {ratio} | "
+                         f"{r['val']:.3f} | {r['test']:.3f} | {more}{1000 * r['step_seconds']:.1f} | {ratio} | "
                          f"{r['peak_step_mb']:.1f} | {r['optimizer_state_mb']:.2f} |")
         lines.append("")
     return "\n".join(lines)
@@ -495,6 +534,10 @@ def plot_comparison(result: dict, png: str | os.PathLike) -> Path:
         for n, r in res["methods"].items():
             ax.scatter(r["trainable_params"], r["test"], color=colors[n], s=50)
             ax.annotate(n, (r["trainable_params"], r["test"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ref = res.get("reference")
+        if ref and ref.get(res["metric"]) is not None:
+            ax.axhline(ref[res["metric"]], color="k", ls="--", lw=1, label=ref["label"])
+            ax.legend(fontsize=7)
         ax.set(xscale="log", xlabel="trainable parameters", ylabel=f"test {res['metric']}", title=f"{task}: test")
         ax = row[1]
         for n, r in res["methods"].items():
@@ -528,7 +571,8 @@ FAST_LRS: dict[str, tuple[float, ...]] = {name: (m.lrs[len(m.lrs) // 2],) for na
 
 
 def fast_settings(out: str | os.PathLike, **overrides: Any) -> CompareSettings:
-    """Settings for tests and smoke runs: tiny phantoms, 32-pixel inputs, one epoch, two timing rounds."""
+    """Settings for tests and smoke runs: tiny phantoms (10 EF videos), 32-pixel inputs, one epoch (MAE pretraining
+    too), two timing rounds."""
     base = CompareSettings(out=str(out), size=32, epochs=1, batch_size=4, pretrain_epochs=1, num_patients=5,
-                           num_videos=4, cost_rounds=2)
+                           num_videos=4, num_ef_videos=10, video_pretrain_epochs=1, video_epochs=1, cost_rounds=2)
     return replace(base, **overrides)

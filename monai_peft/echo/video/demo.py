@@ -25,7 +25,8 @@ from ..metrics import regression_metrics
 from ..phantom import write_echonet_phantom
 from .runs import METHOD_DEFAULTS, finetune_video_ef, pretrain_video
 
-__all__ = ["TINY_VIDEOMAE", "run_video_demo", "format_comparison"]
+__all__ = ["TINY_VIDEOMAE", "TINY_CLIP", "write_video_phantom", "pretrain_tiny_videomae", "run_video_demo",
+           "format_comparison"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,24 @@ logger = logging.getLogger(__name__)
 TINY_VIDEOMAE = {"patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
                  "intermediate_size": 64, "decoder_hidden_size": 32, "decoder_num_hidden_layers": 1,
                  "decoder_num_attention_heads": 2, "decoder_intermediate_size": 64}
-_CLIP = {"num_frames": 8, "stride": 2, "image_size": 32}
+TINY_CLIP = {"num_frames": 8, "stride": 2, "image_size": 32}
+
+
+def write_video_phantom(root: str | os.PathLike, num_videos: int, seed: int = 0) -> Path:
+    """EF phantom videos for :data:`TINY_CLIP`: 16 frames of 32 x 32 pixels, one LV geometry (the contraction alone
+    carries the EF), 60 / 20 / 20 % TRAIN / VAL / TEST. Returns ``root``."""
+    write_echonet_phantom(root, num_videos, 16, TINY_CLIP["image_size"], seed=seed, depth_mm=110.0, same_geometry=True)
+    return Path(root)
+
+
+def pretrain_tiny_videomae(echonet_root: str | os.PathLike, out_dir: str | os.PathLike, epochs: int,
+                           mask_ratio: float = 0.9, seed: int = 0, progress: bool = False) -> Path:
+    """MAE pretraining of the :data:`TINY_VIDEOMAE` on :data:`TINY_CLIP` clips of the TRAIN videos (batch 16, AdamW
+    2e-3, cosine, all decoded videos cached); returns the checkpoint folder ``out_dir/checkpoint``."""
+    pretrain_video(echonet_root, out_dir, "small", TINY_CLIP["num_frames"], TINY_CLIP["stride"],
+                   TINY_CLIP["image_size"], mask_ratio, epochs, 16, 2e-3, config_overrides=TINY_VIDEOMAE,
+                   cache_rate=1.0, seed=seed, progress=progress, log_stats=False)
+    return Path(out_dir) / "checkpoint"
 
 
 def run_video_demo(out_dir: str | os.PathLike, methods: Sequence[str] = ("lora", "full", "head"),
@@ -59,13 +77,11 @@ def run_video_demo(out_dir: str | os.PathLike, methods: Sequence[str] = ("lora",
     out = Path(out_dir)
     data = out / "data"
     if not (data / "FileList.csv").is_file():
-        write_echonet_phantom(data, num_videos, 16, 32, seed=seed, depth_mm=110.0, same_geometry=True)
+        write_video_phantom(data, num_videos, seed)
     checkpoint = out / "pretrain" / "checkpoint"
     t0 = time.time()
     if not (checkpoint / "config.json").is_file():
-        pretrain_video(data, out / "pretrain", "small", _CLIP["num_frames"], _CLIP["stride"], _CLIP["image_size"],
-                       mask_ratio, pretrain_epochs, 16, 2e-3, config_overrides=TINY_VIDEOMAE, cache_rate=1.0,
-                       seed=seed, progress=progress, log_stats=False)
+        pretrain_tiny_videomae(data, out / "pretrain", pretrain_epochs, mask_ratio, seed, progress)
     pretrain_s = time.time() - t0
     train_ef = np.array([r.ef for r in find_echonet(data, "TRAIN", require_tracings=False)])
     test_ef = np.array([r.ef for r in find_echonet(data, "TEST", require_tracings=False)])
@@ -73,10 +89,10 @@ def run_video_demo(out_dir: str | os.PathLike, methods: Sequence[str] = ("lora",
     result: dict = {"baseline": {"prediction": "training mean EF", "ef": float(train_ef.mean()), **baseline},
                     "methods": {}, "settings": {"videos": num_videos, "pretrain_epochs": pretrain_epochs,
                                                 "epochs": epochs, "mask_ratio": mask_ratio, "seed": seed,
-                                                "pretrain_seconds": pretrain_s, **_CLIP}}
+                                                "pretrain_seconds": pretrain_s, **TINY_CLIP}}
     for method in methods:
         rec = finetune_video_ef(checkpoint, data, out / "runs" / method, method, epochs=epochs, batch_size=16,
-                                stride=_CLIP["stride"], clips=2, val_interval=5, cache_rate=1.0, seed=seed,
+                                stride=TINY_CLIP["stride"], clips=2, val_interval=5, cache_rate=1.0, seed=seed,
                                 progress=progress, log_stats=False)
         result["methods"][method] = {
             "lr": rec.get("lr", METHOD_DEFAULTS.get(method, {}).get("lr")), "parameters": rec["parameters"],

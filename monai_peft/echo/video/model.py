@@ -11,8 +11,9 @@ Weights come from a random init or a local checkpoint (:func:`load_videomae_weig
 state-dict file read with ``weights_only=True``. Nothing is ever downloaded; a Hub id is refused.
 
 :func:`adapt_video_ef` wraps the network for one fine-tuning method: LoRA on the attention projections (or on
-every linear layer of the blocks), full fine-tuning, the frozen linear probe (``head``), or any other
-:func:`monai_peft.adapt` method or a ready peft config, always with the new head trained fully.
+every linear layer of the blocks), full fine-tuning, the frozen linear probe (``head``), visual prompts, bottleneck
+adapters, or any other :func:`monai_peft.adapt` method or a ready peft config, always with the new head trained
+fully.
 """
 
 from __future__ import annotations
@@ -330,15 +331,16 @@ def adapt_video_ef(network: VideoEFNet, method: str = "lora", layers: str = "att
     Args:
         network: the network with its (pretrained) encoder.
         method: a :func:`monai_peft.adapt` method: ``"lora"`` (on :data:`VIDEO_LORA_TARGETS`), ``"full"`` (full
-            fine-tuning), ``"head"`` (frozen encoder, linear probe), ``"ssf"``, ``"bitfit"``, ``"norm"``, or a
-            method registered later (e.g. visual prompts, bottleneck adapters) that :func:`monai_peft.adapt`
-            knows. Ignored when ``peft_config`` is given. Default ``"lora"``.
+            fine-tuning), ``"head"`` (frozen encoder, linear probe), ``"ssf"``, ``"bitfit"``, ``"norm"``, ``"vpt"``
+            (visual prompts in every block) or ``"bottleneck"`` (bottleneck adapters beside / after attention and
+            MLP of every block). Ignored when ``peft_config`` is given. Default ``"lora"``.
         layers: LoRA placement, ``"attention"`` (query/key/value/output projections) or ``"all"`` (plus the
             MLP). Default ``"attention"``.
         peft_config: a ready peft config (``get_peft_model`` is called with it); the head is added to its
             ``modules_to_save`` when it lists none.
         adapter_name: the peft adapter name. Default ``"default"``.
-        method_kwargs: method options passed to :func:`monai_peft.adapt` (LoRA ``r``, ``lora_alpha``, ...).
+        method_kwargs: method options passed to :func:`monai_peft.adapt` (LoRA ``r``, ``lora_alpha``; VPT
+            ``variant``, ``num_tokens``; bottleneck ``insertion``, ``bottleneck_size``, ...).
 
     Returns:
         a ``peft.PeftModel``.
