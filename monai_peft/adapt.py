@@ -19,7 +19,7 @@ from peft import LNTuningConfig, PeftModel, get_peft_model
 from torch import nn
 
 from monai_peft.lora import init_lora_pca_, lora_config
-from monai_peft.regions import _unwrap, regions_of
+from monai_peft.regions import regions_of
 from monai_peft.targeting import (
     SPATIAL_CONV, ModuleType, Selector, SelectorLike, as_selector, exact_names_regex, resolve_targets,
 )
@@ -30,6 +30,7 @@ from monai_peft.tuners.module_types import CONV_TYPES, NORM_TYPES
 from monai_peft.tuners.ssf import SSFConfig
 from monai_peft.tuners.ssf.layer import SUPPORTED_TYPES as SSF_TYPES
 from monai_peft.tuners.vpt import VPTConfig, default_vpt_targets
+from monai_peft.tuners.wrappers import user_network
 
 __all__ = ["METHODS", "adapt", "default_targets", "RESIDUAL_BLOCK_TYPES", "register_residual_block"]
 
@@ -89,7 +90,7 @@ def default_targets(model: nn.Module, method: str, insertion: str = "sequential"
 
     "Encoder + decoder" is the whole network when the architecture declares no regions.
     """
-    model = _unwrap(model)
+    model = user_network(model)
     if method == "convadapter":
         blocks = _backbone(model) & ModuleType(*RESIDUAL_BLOCK_TYPES)
         try:
@@ -187,7 +188,7 @@ def adapt(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
-    base = _unwrap(model)
+    base = user_network(model)
     insertion = method_kwargs.get("insertion", "sequential")
     selector = default_targets(base, method, insertion) if target is None else as_selector(target)
     whole_modules = method in ("norm", "full", "decoder", "head")

@@ -19,6 +19,8 @@ from typing import Any
 from torch import nn
 
 from monai_peft.tuners.module_types import ANY_CONV_TYPES, CONV_TYPES, NORM_TYPES
+from monai_peft.tuners.wrappers import unwrap_network
+from monai_peft.tuners.wrappers import user_network as base_network  # the nnU-Net architecture object, e.g. for .decoder
 from nnunet_plugin.settings import PEFTSettings
 
 __all__ = [
@@ -74,28 +76,6 @@ def register_nnunet_regions() -> None:
         return
     for cls in architectures:
         register_regions(cls, NNUNET_REGIONS)
-
-
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """The module inside DDP / ``torch.compile`` wrappers (a ``PeftModel`` stays a ``PeftModel``)."""
-    from torch._dynamo import OptimizedModule
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(network, DistributedDataParallel):
-        network = network.module
-    if isinstance(network, OptimizedModule):
-        network = network._orig_mod
-    return network
-
-
-def base_network(network: nn.Module) -> nn.Module:
-    """The nnU-Net architecture object (inside wrappers and ``PeftModel``), e.g. to reach ``.decoder``."""
-    from peft import PeftModel
-
-    network = unwrap_network(network)
-    if isinstance(network, PeftModel):
-        return network.base_model.model
-    return network
 
 
 def seg_layer_names(network: nn.Module) -> list[str]:

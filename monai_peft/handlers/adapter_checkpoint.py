@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_peft.io import atomic_replace_dir
-from monai_peft.workflows.records import atomic_write_json, process_rank
+from monai_peft.io import atomic_replace_dir, atomic_write_json
+from monai_peft.tuners.wrappers import unwrap_network
+from monai_peft.workflows.records import process_rank
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -25,19 +26,12 @@ else:
 load_safetensors, _ = optional_import("safetensors.torch", name="load_file")
 save_safetensors, _ = optional_import("safetensors.torch", name="save_file")
 
-__all__ = ["AdapterCheckpoint", "AdapterLoader", "save_adapter_folder", "load_adapter_folder", "unwrap_network"]
+__all__ = ["AdapterCheckpoint", "AdapterLoader", "save_adapter_folder", "load_adapter_folder"]
 
 STATE_FILE = "training_state.pt"
 INFO_FILE = "checkpoint.json"
 PLAIN_WEIGHTS = "model.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-
-
-def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers."""
-    while isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        network = network.module
-    return network
 
 
 def _is_peft(network: torch.nn.Module) -> bool:
@@ -73,7 +67,7 @@ def save_adapter_folder(network: torch.nn.Module, folder: str | Path, info: dict
             save_safetensors(state, str(tmp / PLAIN_WEIGHTS))
         if extra_state is not None:
             torch.save(extra_state, tmp / STATE_FILE)
-        atomic_write_json(tmp / INFO_FILE, info or {})
+        atomic_write_json(tmp / INFO_FILE, info or {}, nan_as_null=True)
         atomic_replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -15,7 +15,8 @@ from monai.metrics import compute_surface_dice
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_peft.metrics import nan_mean, onehot_dice
-from monai_peft.workflows.records import atomic_write_json, atomic_write_text, update_run_record
+from monai_peft.io import atomic_write_json, atomic_write_text
+from monai_peft.workflows.records import update_run_record
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -202,7 +203,8 @@ class CaseMetricsWriter:
         summary["nsd_tolerance_mm"] = self.nsd_tolerance_mm
         json_path = self.output_dir / f"{self.prefix}.json"
         csv_path = self.output_dir / f"{self.prefix}.csv"
-        atomic_write_json(json_path, {"class_names": self.class_names, "summary": summary, "cases": self.cases})
+        atomic_write_json(json_path, {"class_names": self.class_names, "summary": summary, "cases": self.cases},
+                          nan_as_null=True)
         atomic_write_text(csv_path, self._csv())
         engine.state.case_metrics = summary
         engine.logger.info(
