@@ -19,6 +19,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
 from monai_peft.io import atomic_save_nifti, atomic_write_json, json_default
+from monai_peft.tuners.module_types import ANY_CONV_TYPES
 from monai_peft.tuners.wrappers import (
     TRAINED_COPY_ORIGINALS, TUNER_BASE, WRAPPED_PARTS, adapter_kind, strip_peft_prefix,
 )
@@ -31,14 +32,6 @@ else:
 
 logger = logging.getLogger(__name__)
 
-CONV_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
 # name parts of adapters built by hand, outside peft (peft's own are told by monai_peft.tuners.wrappers.adapter_kind)
 _HAND_MADE_ADAPTER = re.compile(r"(^|[._])(adapter|convadapter)[A-Za-z_]*($|[._])")
 
@@ -132,7 +125,7 @@ def trace_convs(model: nn.Module, x: torch.Tensor) -> tuple[list[str], torch.Ten
 
         return hook
 
-    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, CONV_TYPES)]
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, ANY_CONV_TYPES)]
     try:
         with torch.no_grad():
             logits = first_output(model(x))

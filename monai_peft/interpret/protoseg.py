@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from monai_peft.io import atomic_save_figure, atomic_write_json, json_default
+from monai_peft.tuners.module_types import ANY_CONV_TYPES
 from monai_peft.metrics import mask_dice, nan_mean
 from monai_peft.interpret._common import (
-    CONV_TYPES,
     PerCaseAnalysisHandler,
     adapter_names,
     as_batch,
@@ -184,7 +184,7 @@ def protoseg(
     names = adapter_names(model)
     cls_names = dict(class_names or {})
     if layers is None:
-        chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, CONV_TYPES)]
+        chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, ANY_CONV_TYPES)]
     else:
         chosen = [find_module(model, n) for n in layers]
     if not chosen:
