@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the demo's)")
     args = parser.parse_args()
 
+    from monai_peft.io import atomic_write_json
     from monai_peft.workflows.demo import run_demo
 
     root = args.output_dir
@@ -58,7 +59,7 @@ def main() -> int:
     chosen = {m: float(max(lrs, key=lambda k: -1.0 if lrs[k] is None else lrs[k])) for m, lrs in grid.items()}
     report = {"grid": grid, "chosen": chosen, "seconds": time.perf_counter() - t0,
               "note": "best validation Mean Dice over the demo's fine-tuning epochs, one run per rate"}
-    (root / "learning_rates.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(root / "learning_rates.json", report)
     print("chosen:", ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()))
     return 0
 

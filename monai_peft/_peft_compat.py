@@ -34,6 +34,8 @@ from packaging.version import Version
 from peft.utils import PeftType
 from torch import nn
 
+from monai_peft.tuners.wrappers import MONAI_PEFT_TYPES
+
 __all__ = [
     "MONAI_PEFT_TYPES", "add_peft_type", "register_monai_peft_methods", "check_peft_compat", "SUPPORTED_PEFT",
     "installed_peft_version", "check_peft_version", "PeftWorkaround", "PEFT_WORKAROUNDS", "apply_peft_workarounds",
@@ -48,13 +50,6 @@ __all__ = [
 # setup.cfg's install_requires states the same range (tests/test_lora_compat.py keeps the two equal).
 SUPPORTED_PEFT = ">=0.21,<0.22"
 
-# peft type name -> (method name used by register_peft_method, prefix of its parameters)
-MONAI_PEFT_TYPES: dict[str, tuple[str, str]] = {
-    "CONV_ADAPTER": ("conv_adapter", "conv_adapter_"),
-    "SSF": ("ssf", "ssf_"),
-    "VPT": ("vpt", "vpt_"),
-    "BOTTLENECK_ADAPTER": ("bottleneck_adapter", "bottleneck_"),
-}
 
 
 def add_peft_type(name: str) -> PeftType:

@@ -19,7 +19,7 @@ from peft import LNTuningConfig, PeftModel, get_peft_model
 from torch import nn
 
 from monai_peft.lora import init_lora_pca_, lora_config
-from monai_peft.regions import _unwrap, regions_of
+from monai_peft.regions import regions_of
 from monai_peft.targeting import (
     SPATIAL_CONV, ModuleType, Selector, SelectorLike, as_selector, exact_names_regex, resolve_targets,
 )
@@ -30,6 +30,7 @@ from monai_peft.tuners.module_types import CONV_TYPES, NORM_TYPES
 from monai_peft.tuners.ssf import SSFConfig
 from monai_peft.tuners.ssf.layer import SUPPORTED_TYPES as SSF_TYPES
 from monai_peft.tuners.vpt import VPTConfig, default_vpt_targets
+from monai_peft.tuners.wrappers import user_network
 
 __all__ = ["METHODS", "adapt", "default_targets", "RESIDUAL_BLOCK_TYPES", "register_residual_block"]
 
@@ -68,13 +69,35 @@ class _HasBias(Selector):
         return "HasBias()"
 
 
-def _backbone(model: nn.Module) -> Selector:
+def _backbone(model: nn.Module, regions: Optional[tuple[str, ...]] = None) -> Selector:
     declared = regions_of(model)
-    return _AnyOf(tuple(r for r in ("encoder", "decoder") if r in declared))
+    if regions is None:
+        return _AnyOf(tuple(r for r in ("encoder", "decoder") if r in declared))
+    unknown = [r for r in regions if r not in declared]
+    if unknown or not regions:
+        raise ValueError(f"regions {list(regions)}: {type(model).__name__} declares {sorted(declared) or 'none'}.")
+    return _AnyOf(tuple(regions))
 
 
-def default_targets(model: nn.Module, method: str, insertion: str = "sequential") -> Selector:
-    """The selector :func:`adapt` uses when ``target`` is not given (``insertion``: bottleneck adapters only).
+def default_targets(
+    model: nn.Module,
+    method: str,
+    insertion: str = "sequential",
+    *,
+    regions: Optional[tuple[str, ...]] = None,
+    blocks: Optional[bool] = None,
+) -> Selector:
+    """The modules ``method`` wraps: the selector :func:`adapt` uses when ``target`` is not given, and the one rule
+    the presets and the nnU-Net plugin ask too.
+
+    Args:
+        model: the network (a ``PeftModel`` is unwrapped).
+        method: one of :data:`METHODS`.
+        insertion: bottleneck adapters only: ``"sequential"`` (default) or ``"parallel"``.
+        regions: where ``convadapter`` / ``lora`` / ``ssf`` go, declared regions of the model, e.g.
+            ``("encoder",)``. Default None: encoder + decoder (the whole network when none are declared).
+        blocks: ``convadapter`` only: True wraps residual blocks, False spatial convs, None (default) blocks when
+            the network has any, else spatial convs.
 
     - ``convadapter``: residual blocks (:data:`RESIDUAL_BLOCK_TYPES`) in encoder + decoder (thesis Table 5.3,
       best SegResNet placement); spatial (k > 1) convs there, the 1-channel input conv included, if the network has
@@ -89,18 +112,20 @@ def default_targets(model: nn.Module, method: str, insertion: str = "sequential"
 
     "Encoder + decoder" is the whole network when the architecture declares no regions.
     """
-    model = _unwrap(model)
+    model = user_network(model)
     if method == "convadapter":
-        blocks = _backbone(model) & ModuleType(*RESIDUAL_BLOCK_TYPES)
-        try:
-            resolve_targets(model, blocks)
-            return blocks
-        except ValueError:
-            return _backbone(model) & SPATIAL_CONV
+        in_blocks = _backbone(model, regions) & ModuleType(*RESIDUAL_BLOCK_TYPES)
+        if blocks is None:
+            try:
+                resolve_targets(model, in_blocks)
+                return in_blocks
+            except ValueError:
+                blocks = False
+        return in_blocks if blocks else _backbone(model, regions) & SPATIAL_CONV
     if method == "lora":
-        return _backbone(model) & ModuleType(*CONV_TYPES)
+        return _backbone(model, regions) & ModuleType(*CONV_TYPES)
     if method == "ssf":
-        return _backbone(model) & ModuleType(*CONV_TYPES, *NORM_TYPES, nn.Linear)
+        return _backbone(model, regions) & ModuleType(*CONV_TYPES, *NORM_TYPES, nn.Linear)
     if method == "bitfit":
         return ModuleType(*SSF_TYPES) & _HasBias()
     if method == "norm":
@@ -187,7 +212,7 @@ def adapt(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
-    base = _unwrap(model)
+    base = user_network(model)
     insertion = method_kwargs.get("insertion", "sequential")
     selector = default_targets(base, method, insertion) if target is None else as_selector(target)
     whole_modules = method in ("norm", "full", "decoder", "head")

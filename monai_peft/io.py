@@ -12,6 +12,7 @@ them, so importing this module is cheap.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "plain_json",
     "atomic_folder",
     "atomic_path",
     "atomic_replace_dir",
@@ -106,6 +108,22 @@ def json_default(obj: Any) -> Any:
     raise TypeError(f"cannot write {type(obj).__name__} as JSON")
 
 
+def plain_json(value: Any) -> Any:
+    """``value`` in plain JSON types (numpy / torch values as numbers and lists, paths as strings); NaN/inf become
+    None, so the file stays standard JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return plain_json(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
 def atomic_write_json(
     path: str | os.PathLike,
     obj: Any,
@@ -114,6 +132,7 @@ def atomic_write_json(
     sort_keys: bool = False,
     default: Callable[[Any], Any] | None = None,
     allow_nan: bool = True,
+    nan_as_null: bool = False,
 ) -> Path:
     """Write ``obj`` as JSON (with a trailing newline) to ``path`` atomically.
 
@@ -125,10 +144,14 @@ def atomic_write_json(
         default: called for objects ``json`` cannot serialise, e.g. :func:`json_default` or ``float``. Default None.
         allow_nan: write NaN/inf as the non-standard ``NaN``/``Infinity``; False raises ``ValueError`` instead.
             Default True.
+        nan_as_null: write NaN/inf as ``null`` and numpy / torch values as plain numbers (:func:`plain_json`), so
+            the file stays standard JSON (run records, checkpoint info). Default False.
 
     Returns:
         ``path`` as a ``Path``.
     """
+    if nan_as_null:
+        obj, allow_nan = plain_json(obj), False
     text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default, allow_nan=allow_nan)
     return atomic_write_text(path, text + "\n")
 

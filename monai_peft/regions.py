@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from monai_peft.tuners.wrappers import user_network
+
 __all__ = ["register_regions", "regions_of", "region_names", "module_in_region", "REGION_REGISTRY"]
 
 REGION_REGISTRY: dict[type, dict[str, tuple[str, ...]]] = {}
@@ -43,18 +45,9 @@ def register_regions(model_cls: type, regions: Mapping[str, Sequence[str]]) -> N
     REGION_REGISTRY[model_cls] = checked
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's network inside a ``PeftModel`` (``model.base_model.model``) or the model itself."""
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
-        return model.base_model.model
-    return model
-
-
 def regions_of(model: nn.Module) -> dict[str, tuple[str, ...]]:
     """Region declarations that apply to ``model`` (instance attribute first, then class registry by MRO)."""
-    model = _unwrap(model)
+    model = user_network(model)
     own = getattr(model, "peft_regions", None)
     if own:
         return {k: (v,) if isinstance(v, str) else tuple(v) for k, v in own.items()}
@@ -77,7 +70,7 @@ def module_in_region(model: nn.Module, module_name: str, region: str) -> bool:
     regions = regions_of(model)
     if region not in regions:
         raise KeyError(
-            f"region {region!r} is not declared for {type(_unwrap(model)).__name__}; declared: {sorted(regions) or 'none'}"
+            f"region {region!r} is not declared for {type(user_network(model)).__name__}; declared: {sorted(regions) or 'none'}"
             " (declare them with monai_peft.register_regions or a `peft_regions` attribute)."
         )
     parts = module_name.split(".")

@@ -15,48 +15,15 @@ from typing import Union
 from torch import nn
 
 from monai_peft.io import atomic_write_json
-from monai_peft.regions import _unwrap, module_in_region, regions_of
+from monai_peft.regions import module_in_region, regions_of
+from monai_peft.tuners.wrappers import adapter_kind, base_module_name, user_network
 
 __all__ = ["ParameterReport", "parameter_report", "parameter_kind"]
 
-# token in a parameter name -> kind of trainable parameter it is
-_KIND_TOKENS = (
-    ("conv_adapter_", "conv_adapter"),
-    ("ssf_", "ssf"),
-    ("lora_", "lora"),
-    ("ln_tuning_layers", "full_copy"),
-    ("modules_to_save", "full_copy"),
-)
-
-
 def parameter_kind(name: str) -> str:
-    """``conv_adapter``, ``ssf``, ``lora``, ``full_copy`` (a trained copy of a base module) or ``base``."""
-    for part in name.split("."):
-        for token, kind in _KIND_TOKENS:
-            if part.startswith(token):
-                return kind
-    return "base"
-
-
-def _module_path(name: str) -> str:
-    """The base-network module a (peft-wrapped) parameter belongs to, e.g.
-    ``base_model.model.up_layers.0.0.conv_adapter_down.default.weight`` -> ``up_layers.0.0``."""
-    parts = name.removeprefix("base_model.model.").split(".")[:-1]
-    out: list[str] = []
-    skip = 0
-    for part in parts:
-        if skip:
-            skip -= 1
-            continue
-        if part in ("modules_to_save", "ln_tuning_layers"):
-            skip = 1  # the adapter name follows
-            continue
-        if part in ("base_layer", "original_module"):
-            continue
-        if any(part.startswith(tok) for tok, _ in _KIND_TOKENS[:3]):
-            break
-        out.append(part)
-    return ".".join(out)
+    """``conv_adapter``, ``ssf``, ``lora``, ``vpt``, ``bottleneck_adapter``, ``full_copy`` (a trained copy of a base
+    module) or ``base`` (see :func:`monai_peft.tuners.wrappers.adapter_kind`)."""
+    return adapter_kind(name) or "base"
 
 
 @dataclass
@@ -102,7 +69,7 @@ class ParameterReport:
 
 def parameter_report(model: nn.Module) -> ParameterReport:
     """Count trainable and total parameters of a (peft-wrapped) network, per kind and per region."""
-    base = _unwrap(model)
+    base = user_network(model)
     regions = list(regions_of(base))
     by_kind: dict[str, int] = {}
     by_region: dict[str, dict[str, int]] = {r: {"trainable": 0, "total": 0} for r in regions + ["other"]}
@@ -111,7 +78,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     for name, p in model.named_parameters():
         kind = parameter_kind(name)
         n = p.numel()
-        path = _module_path(name)
+        path = base_module_name(name.rpartition(".")[0])
         if path not in region_cache:
             region_cache[path] = next((r for r in regions if path and module_in_region(base, path, r)), "other")
         region = region_cache[path]

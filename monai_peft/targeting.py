@@ -13,9 +13,10 @@ from typing import Union
 
 from torch import nn
 
-from monai_peft.regions import _unwrap, module_in_region, regions_of
+from monai_peft.regions import module_in_region, regions_of
 from monai_peft.tuners._common import exact_names_regex
 from monai_peft.tuners.module_types import CONV_TYPES, NORM_TYPES
+from monai_peft.tuners.wrappers import WRAPPED_PARTS, is_wrapper_internal, user_network
 
 __all__ = [
     "Selector", "ModuleType", "NameRegex", "Region", "KernelSize", "Names", "resolve_targets", "as_selector",
@@ -176,11 +177,6 @@ class _RegionOrRegex(Selector):
 SPATIAL_CONV: Selector = ModuleType(*CONV_TYPES) & KernelSize(2)
 
 
-_WRAPPER_PARTS = ("base_layer", "original_module")
-_ADAPTER_PARTS = ("modules_to_save", "ln_tuning_layers")
-_ADAPTER_PREFIXES = ("lora_", "conv_adapter_", "ssf_")
-
-
 def logical_named_modules(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     """``named_modules()`` of the network as the user wrote it, also after peft has wrapped parts of it.
 
@@ -195,15 +191,15 @@ def logical_named_modules(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     out: dict[str, tuple[str, nn.Module]] = {}
     for name, module in model.named_modules():
         parts = name.split(".") if name else []
-        if any(p in _ADAPTER_PARTS or p.startswith(_ADAPTER_PREFIXES) for p in parts):
+        if is_wrapper_internal(name):
             continue
-        if parts and parts[-1] in _WRAPPER_PARTS:
+        if parts and parts[-1] in WRAPPED_PARTS:
             continue  # represented by the wrapper that holds it
         if isinstance(module, BaseTunerLayer):
             module = module.get_base_layer()
         elif isinstance(module, AuxiliaryTrainingWrapper):
             module = getattr(module, "original_module", module)
-        logical = ".".join(p for p in parts if p not in _WRAPPER_PARTS)
+        logical = ".".join(p for p in parts if p not in WRAPPED_PARTS)
         out.setdefault(logical, (name, module))
     return out
 
@@ -221,7 +217,7 @@ def resolve_targets(model: nn.Module, target: SelectorLike, *, outermost: bool =
         ValueError: nothing matched (the message shows the selector, the model class and its regions), or an exact
             name in a list does not exist in the model.
     """
-    model = _unwrap(model)
+    model = user_network(model)
     selector = as_selector(target)
     logical = logical_named_modules(model)  # logical name -> (real name, module as the user wrote it)
     modules = {n: m for n, (_, m) in logical.items()}

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -27,7 +26,8 @@ from torch import nn
 from monai_peft.io import atomic_path, atomic_save_safetensors
 from monai_peft.io import atomic_torch_save as _atomic_torch_save
 
-from nnunet_plugin.network import PLAIN_KEYS_ATTR, SUPREM_ATTR, unwrap_network
+from monai_peft.tuners.wrappers import plain_key, strip_parallel_prefixes, unwrap_network
+from nnunet_plugin.network import PLAIN_KEYS_ATTR, SUPREM_ATTR
 
 __all__ = [
     "PretrainedWeightsError", "safe_load_checkpoint", "plain_key", "load_pretrained_backbone",
@@ -42,8 +42,6 @@ SKIP_IN_PRETRAINED = (".seg_layers.",)
 ADAPTER_METADATA_KEY = "monai_peft_nnunet"
 PRETRAINED_ATTR = "_nnunet_plugin_pretrained"
 
-# wrapper segments peft puts between a module's name and its tensors
-_WRAPPER_SEGMENTS = re.compile(r"\.(?:base_layer|original_module)(?=\.)|\.(?:modules_to_save|ln_tuning_layers)\.[^.]+(?=\.)")
 
 
 class PretrainedWeightsError(ValueError):
@@ -96,18 +94,6 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def plain_key(key: str) -> str:
-    """The plain-network state-dict key of an adapted network's key.
-
-    ``base_model.model.encoder.x.conv.base_layer.weight`` -> ``encoder.x.conv.weight``; trainable copies
-    (``modules_to_save.<name>``, ``ln_tuning_layers.<name>``) map to the module they copy; adapter tensors
-    (``lora_A``, ``conv_adapter_down``, ``ssf_scale`` ...) map to names the plain network does not have.
-    """
-    if key.startswith("base_model.model."):
-        key = key[len("base_model.model."):]
-    return _WRAPPER_SEGMENTS.sub("", key)
-
-
 def _network_weights(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and isinstance(obj.get("network_weights"), Mapping):
         weights = dict(obj["network_weights"])
@@ -120,13 +106,7 @@ def _network_weights(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             f"got {keys}."
         )
     # DDP ('module.') and torch.compile ('_orig_mod.') prefixes of checkpoints written outside nnU-Net
-    out = {}
-    for k, v in weights.items():
-        for prefix in ("module.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
+    return {strip_parallel_prefixes(k): v for k, v in weights.items()}
 
 
 def _is_head(module: nn.Module, plain: str) -> bool:

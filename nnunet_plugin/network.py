@@ -13,12 +13,13 @@ points every other registration of a replaced module at its replacement.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
 
 from monai_peft.tuners.module_types import ANY_CONV_TYPES, CONV_TYPES, NORM_TYPES
+from monai_peft.tuners.wrappers import unwrap_network
+from monai_peft.tuners.wrappers import user_network as base_network  # the nnU-Net architecture object, e.g. for .decoder
 from nnunet_plugin.settings import PEFTSettings
 
 __all__ = [
@@ -76,42 +77,12 @@ def register_nnunet_regions() -> None:
         register_regions(cls, NNUNET_REGIONS)
 
 
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """The module inside DDP / ``torch.compile`` wrappers (a ``PeftModel`` stays a ``PeftModel``)."""
-    from torch._dynamo import OptimizedModule
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(network, DistributedDataParallel):
-        network = network.module
-    if isinstance(network, OptimizedModule):
-        network = network._orig_mod
-    return network
-
-
-def base_network(network: nn.Module) -> nn.Module:
-    """The nnU-Net architecture object (inside wrappers and ``PeftModel``), e.g. to reach ``.decoder``."""
-    from peft import PeftModel
-
-    network = unwrap_network(network)
-    if isinstance(network, PeftModel):
-        return network.base_model.model
-    return network
-
-
 def seg_layer_names(network: nn.Module) -> list[str]:
     """Names of the 1x1 segmentation layers (one per deep-supervision output), e.g. ``decoder.seg_layers.0``."""
     seg = getattr(getattr(network, "decoder", None), "seg_layers", None)
     if seg is None:
         raise TypeError(f"{type(network).__name__} has no decoder.seg_layers: not an nnU-Net U-Net architecture.")
     return [f"decoder.seg_layers.{i}" for i in range(len(seg))]
-
-
-def _in_target(name: str, regions: Iterable[str]) -> bool:
-    return any(
-        name == "encoder" or name.startswith("encoder.") if r == "encoder"
-        else name.startswith(("decoder.stages.", "decoder.transpconvs."))
-        for r in regions
-    )
 
 
 def adapter_targets(network: nn.Module, method: str, settings: PEFTSettings) -> list[str]:
@@ -134,9 +105,11 @@ def adapter_targets(network: nn.Module, method: str, settings: PEFTSettings) -> 
     from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
     from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 
+    from monai_peft.regions import module_in_region
+
     names: list[str] = []
     for name, module in network.named_modules():  # duplicates (all_modules.*, decoder.encoder.*) come once
-        if not _in_target(name, settings.target):
+        if not name or not any(module_in_region(network, name, r) for r in settings.target):
             continue
         if method == "convadapter" and settings.placement.startswith("residual"):
             if isinstance(module, (BasicBlockD, BottleneckD)):
@@ -288,23 +261,17 @@ def build_suprem_peft_network(network: nn.Module, method: str, settings: PEFTSet
     plain_keys = list(network.state_dict().keys())
     if method != "full":
         import monai_peft  # noqa: F401  (registers ConvAdapter / SSF with peft)
-        from monai_peft.adapt import RESIDUAL_BLOCK_TYPES, adapt
-        from monai_peft.targeting import SPATIAL_CONV, ModuleType, Region, resolve_targets
+        from monai_peft.adapt import adapt, default_targets
 
-        regions = Region(settings.target[0])
-        for r in settings.target[1:]:
-            regions = regions | Region(r)
         kwargs: dict[str, Any] = {}
-        target: Any = None
+        target: Any = None  # decoder: adapt()'s own default
+        if method in ("convadapter", "lora", "ssf"):  # the core's rule, in the settings' regions
+            target = default_targets(network, method, regions=tuple(settings.target),
+                                     blocks=settings.placement.startswith("residual"))
         if method == "convadapter":
-            blocks = ModuleType(*RESIDUAL_BLOCK_TYPES) if settings.placement.startswith("residual") else SPATIAL_CONV
-            target = resolve_targets(network, regions & blocks, outermost=True)
             kwargs = {"gamma": settings.gamma, "insertion": settings.placement.split("-")[1]}
         elif method == "lora":
-            target, kwargs = regions & ModuleType(nn.Conv1d, nn.Conv2d, nn.Conv3d), {"r": settings.rank}
-        elif method == "ssf":
-            target = resolve_targets(network, regions & ModuleType(nn.Conv3d, nn.GroupNorm, nn.InstanceNorm3d,
-                                                                   nn.BatchNorm3d))
+            kwargs = {"r": settings.rank}
         network = adapt(network, method, target=target, train_fully="head", **kwargs)
     setattr(network, PLAIN_KEYS_ATTR, plain_keys)
     setattr(network, SUPREM_ATTR, backbone)

@@ -6,7 +6,6 @@ network can learn the task within a handful of iterations.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +67,7 @@ def make_phantom_dataset(
         the dataset folder.
     """
     import nibabel as nib
+    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
     if not 1 <= int(dataset_id) <= 999:
         raise ValueError(f"dataset_id must be in 1..999, got {dataset_id}.")
@@ -83,12 +83,7 @@ def make_phantom_dataset(
         case = f"{name.lower()}_{i:03d}"
         nib.save(nib.Nifti1Image(image, affine), str(folder / "imagesTr" / f"{case}_0000.nii.gz"))
         nib.save(nib.Nifti1Image(labels, affine), str(folder / "labelsTr" / f"{case}.nii.gz"))
-    dataset_json = {
-        "channel_names": {"0": "CT"},
-        "labels": {"background": 0, **{f"structure{k}": k for k in range(1, num_labels + 1)}},
-        "numTraining": num_cases,
-        "file_ending": ".nii.gz",
-        "name": name,
-    }
-    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    label_ids = {"background": 0, **{f"structure{k}": k for k in range(1, num_labels + 1)}}
+    generate_dataset_json(str(folder), {0: "CT"}, label_ids, num_cases, ".nii.gz", dataset_name=name,
+                          converted_by="monai-peft phantoms", license="synthetic phantoms, no license restriction")
     return folder

@@ -20,11 +20,12 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import nibabel as nib
 import numpy as np
 from monai.utils import optional_import
+from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
 from monai_peft.data import list_cases, merge_structures, read_meta
 from monai_peft.data.totalseg import dataset_classes, image_file, load_nifti
@@ -114,16 +115,13 @@ def totalseg_to_nnunet(
         n_train = len(splits["train"]) + len(splits["val"])
         if n_train == 0:
             raise ValueError(f"{totalseg_root}: no train/val case to write to imagesTr (all {len(cases)} are test).")
-        dataset_json: dict[str, Any] = {
-            "channel_names": {"0": CHANNEL_NAMES[modality]},
-            "labels": {"background": 0, **{n: i for i, n in enumerate(names, start=1)}},
-            "numTraining": n_train,
-            "file_ending": ".nii.gz",
-            "name": folder.name.split("_", 1)[1],
-            "description": f"TotalSegmentator {modality.upper()} converted by monai-peft; classes: "
-                           f"{classes if isinstance(classes, str) else 'custom list'}",
-        }
-        atomic_write_json(tmp / "dataset.json", dataset_json)
+        generate_dataset_json(
+            str(tmp), {0: CHANNEL_NAMES[modality]}, {"background": 0, **{n: i for i, n in enumerate(names, start=1)}},
+            n_train, ".nii.gz", dataset_name=folder.name.split("_", 1)[1], converted_by="monai-peft",
+            license="that of the source TotalSegmentator data",
+            description=f"TotalSegmentator {modality.upper()} converted by monai-peft; classes: "
+                        f"{classes if isinstance(classes, str) else 'custom list'}",
+        )
         if splits["val"]:
             atomic_write_json(tmp / "splits_final.json",
                               [{"train": sorted(splits["train"]), "val": sorted(splits["val"])}])

@@ -27,6 +27,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Union
 
@@ -59,6 +61,37 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class _TorchReturning:
+    """``torch`` as nnU-Net's trainer module sees it, except that ``load`` returns a checkpoint already read."""
+
+    def __init__(self, checkpoint: dict) -> None:
+        self._checkpoint = checkpoint
+
+    def load(self, *args: Any, **kwargs: Any) -> dict:
+        return self._checkpoint
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+@contextmanager
+def _nnunet_reads(checkpoint: dict) -> Iterator[None]:
+    """Let ``nnUNetTrainer.load_checkpoint`` restore ``checkpoint`` (read with ``weights_only=True``).
+
+    nnU-Net 2.8's ``load_checkpoint`` reads a path with ``torch.load(weights_only=False)`` and has no branch for a
+    dict it is given, so its restore (network, optimizer, AMP scaler, logger, epoch) is reused as it is, with the
+    ``torch.load`` of its module answering the checkpoint the plugin read safely.
+    """
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+
+    saved = trainer_module.torch
+    trainer_module.torch = _TorchReturning(checkpoint)
+    try:
+        yield
+    finally:
+        trainer_module.torch = saved
 
 
 class CosineLRScheduler(_LRScheduler):
@@ -220,30 +253,15 @@ class nnUNetTrainerPEFT(nnUNetTrainer):
             self._store_settings()
         if not self.was_initialized:
             self.initialize()
-        module = unwrap_network(self.network)
-        model_keys = module.state_dict().keys()
-        weights = {}
-        for key, value in checkpoint["network_weights"].items():
-            if key not in model_keys and key.startswith("module."):
-                key = key[len("module."):]
-            weights[key] = value
+        source = str(filename_or_checkpoint) if isinstance(filename_or_checkpoint, (str, os.PathLike)) else "checkpoint"
         try:
-            module.load_state_dict(weights)
-        except RuntimeError as e:
+            with _nnunet_reads(checkpoint):
+                nnUNetTrainer.load_checkpoint(self, source)
+        except RuntimeError as e:  # load_state_dict: another architecture or another method's adapters
             raise PretrainedWeightsError(
-                f"{filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else 'checkpoint'}: does not "
-                f"match the {self.__class__.__name__} network ({str(e).splitlines()[0]})."
+                f"{source}: does not match the {self.__class__.__name__} network ({str(e).splitlines()[0]})."
             ) from e
-        self.my_init_kwargs = checkpoint["init_args"]
-        self.my_init_kwargs["plans"] = self.plans_manager.plans
-        self.current_epoch = checkpoint["current_epoch"]
-        self.logger.load_checkpoint(checkpoint["logging"])
-        self._best_ema = checkpoint["_best_ema"]
-        self.inference_allowed_mirroring_axes = checkpoint.get(
-            "inference_allowed_mirroring_axes", self.inference_allowed_mirroring_axes)
-        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
-        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
-            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+        self.my_init_kwargs["plans"] = self.plans_manager.plans  # with the settings adopted above
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         if self._just_trained and self._skip_final_validation:

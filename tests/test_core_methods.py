@@ -239,3 +239,26 @@ def test_adapter_from_a_different_width_fails_naming_the_tensor(tmp_path):
     with pytest.raises(ValueError, match=r"other channel counts: down_layers\.0\.1\.conv_adapter_alpha\.default "
                                          r"\(file \(8,\), model \(16,\)\)"):
         PeftModel.from_pretrained(model, str(tmp_path))
+
+
+def test_default_targets_is_the_one_rule_with_regions_and_placement():
+    """adapt(), the presets and the nnU-Net plugin ask default_targets; regions and block/conv placement are its
+    arguments, and an undeclared region is an error naming what the network declares."""
+    from monai.networks.nets import SegResNet
+
+    from monai_peft.adapt import default_targets
+    from monai_peft.regions import module_in_region
+    from monai_peft.targeting import resolve_targets
+
+    net = SegResNet(spatial_dims=3, in_channels=1, out_channels=2, init_filters=8, blocks_down=(1, 1), blocks_up=(1,))
+    everywhere = resolve_targets(net, default_targets(net, "lora"))
+    encoder = resolve_targets(net, default_targets(net, "lora", regions=("encoder",)))
+    assert encoder and set(encoder) < set(everywhere)
+    assert all(module_in_region(net, n, "encoder") for n in encoder)
+    blocks = resolve_targets(net, default_targets(net, "convadapter"))
+    convs = resolve_targets(net, default_targets(net, "convadapter", blocks=False))
+    assert blocks == resolve_targets(net, default_targets(net, "convadapter", blocks=True))
+    assert all(type(net.get_submodule(n)).__name__ == "ResBlock" for n in blocks)
+    assert all(isinstance(net.get_submodule(n), torch.nn.Conv3d) for n in convs) and len(convs) > len(blocks)
+    with pytest.raises(ValueError, match="declares"):
+        default_targets(net, "lora", regions=("middle",))

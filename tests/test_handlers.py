@@ -10,6 +10,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from monai.networks.nets import SegResNet
+from monai.metrics import compute_surface_dice
 from monai.networks.utils import one_hot
 
 import monai_peft
@@ -97,7 +98,8 @@ def test_case_metrics_writer_files_and_record(tmp_path):
     for (p, g), case in zip(cases, data["cases"]):
         assert case["dice"]["cube"] == pytest.approx(_dice(p.numpy() == 1, g.numpy() == 1), abs=1e-5)
         assert case["dice"]["bar"] == pytest.approx(_dice(p.numpy() == 2, g.numpy() == 2), abs=1e-5)
-        assert 0.0 <= case["nsd"]["cube"] <= 1.0
+        nsd = compute_surface_dice(one_hot(p[None], 3), one_hot(g[None], 3), [1.0, 1.0])[0]
+        assert [case["nsd"]["cube"], case["nsd"]["bar"]] == pytest.approx(nsd.tolist(), abs=1e-6)
     assert data["cases"][2]["dice"] == {"cube": 1.0, "bar": 1.0}
     assert data["cases"][2]["nsd"] == {"cube": 1.0, "bar": 1.0}
     rows = (tmp_path / "test_metrics.csv").read_text().strip().splitlines()
@@ -120,8 +122,14 @@ def _train_step(net, opt):
     def step(engine, batch):
         opt.zero_grad()
         loss = net(batch).square().mean()
-        loss.backward()
-        opt.step()
+        scaler = getattr(engine, "scaler", None)  # AMP's gradient scaler (enabled on CPU: its scale grows every step)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         return loss.item()
 
     return step
@@ -136,6 +144,7 @@ def test_adapter_checkpoint_best_last_and_resume_after_kill(tmp_path):
         opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3)
         trainer = Engine(_train_step(net, opt))
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1)
         evaluator = Engine(lambda e, b: None)
         evaluator.add_event_handler(Events.COMPLETED, lambda e: e.state.metrics.update(val=scores[trainer.state.epoch]))
         ckpt = AdapterCheckpoint(tmp_path / "adapter", net, optimizer=opt, lr_scheduler=sched, evaluator=evaluator,
@@ -163,11 +172,12 @@ def test_adapter_checkpoint_best_last_and_resume_after_kill(tmp_path):
         state = net2.state_dict()
         loaded["weights"] = all(torch.equal(state[k], v) for k, v in saved.items())
         loaded["optimizer"] = len(opt2.state) > 0
+        loaded["scale"] = engine.scaler.get_scale()  # 8 doubled after each of epoch 1's two steps
 
     trainer2.add_event_handler(Events.STARTED, check)
     trainer2.run(data, max_epochs=3)
     assert epochs2 == [2, 3] and ckpt2.resumed_from == 1
-    assert loaded == {"weights": True, "optimizer": True}
+    assert loaded == {"weights": True, "optimizer": True, "scale": 32.0}
     best = json.loads((tmp_path / "adapter" / "best" / "checkpoint.json").read_text())
     assert best["epoch"] == 2 and best["metric"] == pytest.approx(0.5)
     assert json.loads((tmp_path / "adapter" / "last" / "checkpoint.json").read_text())["epoch"] == 3

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from monai_peft.analysis import RunRecord, load_run_records, pareto_scores, plot_tradeoff, scores_table
-from monai_peft.analysis.sweeps import collect_sweep, main as sweeps_main, plan_sweep, subsample
+from monai_peft.analysis.sweeps import collect_sweep, plan_sweep, subsample
+from monai_peft.cli import main as cli_main
 from monai_peft.analysis.tables import thesis_tables
 
 # thesis Table 5.5: trainable parameters (M) and test Mean Dice
@@ -151,7 +152,7 @@ def test_sweep_plan_and_collect(tmp_path, capsys):
     half_list = subsample(cases, 0.5)
     assert len(half_list) == 10 and half_list == subsample(cases, 0.5) and half_list == sorted(half_list, key=str)
     assert len(subsample(cases, 0.01)) == 1 and subsample(cases, 1.0) == cases
-    assert sweeps_main(["plan", "bundles/x", "--output-root", str(tmp_path / "sweep"), "--ood", "vertebrae",
+    assert cli_main(["sweep", "plan", "bundles/x", "--output-root", str(tmp_path / "sweep"), "--ood", "vertebrae",
                         "--dataset", f"ct={tmp_path / 'ct'}"]) == 0
     script = (tmp_path / "sweep" / "sweep.sh").read_text().splitlines()
     assert len(script) == 3 + 2 * 4 and all(f"--dataset_dir {tmp_path / 'ct'}" in line for line in script[3:])
@@ -167,6 +168,6 @@ def test_sweep_plan_and_collect(tmp_path, capsys):
                                                      "test": {"mean_dice": dice}}))
     result = collect_sweep(tmp_path / "sweep", backbone="segresnet")
     assert result["tables"]["5.6"]["json"]["rows"]["Mean Dice"] == [0.89, 0.84, 0.79, 0.73]
-    assert sweeps_main(["collect", str(tmp_path / "sweep"), "--backbone", "segresnet",
+    assert cli_main(["sweep", "collect", str(tmp_path / "sweep"), "--backbone", "segresnet",
                         "--markdown", str(tmp_path / "t.md")]) == 0
     assert "Table 5.6" in (tmp_path / "t.md").read_text()

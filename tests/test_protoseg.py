@@ -115,7 +115,13 @@ def test_peft_segresnet_adapter_layers_streaming_matches_per_layer():
     assert all(r.trainable == r.adapter for r in res), "adapters train, the backbone is frozen"
     spatial = {r.shape[1:] for r in res}
     assert {(16, 16, 16), (8, 8, 8), (4, 4, 4)} <= spatial
-    assert all(0.0 <= r.sa["foreground"] <= 1.0 for r in res)
+    # each SA is the Dice of that layer's own SAM with the ground truth (checked here without MONAI)
+    kept = protoseg(model, x, gt, keep_maps=[r.name for r in res])
+    truth = gt > 0
+    for r in kept:
+        sam = np.asarray(r.sam["foreground"], bool)
+        assert r.sa["foreground"] == pytest.approx(2 * (sam & truth).sum() / (sam.sum() + truth.sum()), abs=1e-6)
+    assert len({round(r.sa["foreground"], 6) for r in kept}) > 3, "layers differ in how well they separate the organs"
     per_layer = protoseg(model, x, gt, per_layer=True)
     assert {r.name: r.sa for r in per_layer} == {r.name: r.sa for r in res}
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import re
 import shlex
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from monai_peft.analysis.tables import load_gradcam_summaries, thesis_tables
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_KEYS", "DEFAULT_PRESETS", "SWEEP_TASKS", "SweepRun", "collect_sweep", "main", "plan_sweep",
+__all__ = ["DEFAULT_KEYS", "DEFAULT_PRESETS", "SWEEP_TASKS", "SweepRun", "collect_sweep", "plan_sweep",
            "subsample", "task_datasets", "write_plan"]
 
 #: bundle config ids the overrides set (``--<id> <value>`` on the ``monai.bundle run`` command line);
@@ -249,14 +248,3 @@ def collect_sweep(root: str | Path, backbone: str | None = None) -> dict[str, An
             if r.backbone == "unknown":
                 r.backbone = backbone
     return {"runs": [asdict(r) for r in records], "tables": thesis_tables(records, load_gradcam_summaries([root]))}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m monai_peft.analysis.sweeps {plan,collect} ...``: the same as ``monai-peft sweep ...``."""
-    from monai_peft.cli import main as cli_main
-
-    return cli_main(["sweep", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -31,6 +31,7 @@ from typing import Any
 
 from monai_peft.analysis import thesis_figures as thesis
 from monai_peft.analysis.pareto import FFT_METHODS, RunRecord
+from monai_peft.tuners.wrappers import adapter_kind
 
 __all__ = ["METHOD_LABELS", "task_kind", "table_validation", "table_5_5", "table_5_6", "table_5_7", "table_ood",
            "table_5_10", "load_gradcam_summaries", "layer_role", "thesis_tables"]
@@ -262,7 +263,7 @@ def table_5_7(records: Sequence[RunRecord]) -> dict[str, Any] | None:
 def layer_role(name: str) -> str:
     """``"adapter"``, ``"final"`` or ``"backbone"``: which of Table 5.10's layers a module name is."""
     low = name.lower()
-    if any(t in low for t in ("conv_adapter", "lora_", "ssf_", "adapter")):
+    if adapter_kind(name) not in (None, "full_copy") or "adapter" in low:
         return "adapter"
     if any(t in low for t in ("conv_final", "final_conv", "out_tr", "seg_layers")):
         return "final"

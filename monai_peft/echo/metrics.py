@@ -3,7 +3,8 @@
 MAE and MSE come from ``monai.metrics``; RMSE is the square root of the mean squared error over all cases
 (MONAI's ``RMSEMetric`` averages per-case RMSEs, which for one value per case is the MAE). R^2 is ignite's
 ``R2Score`` (the echo seed reports it for volume and age, Figures 4-5; EchoAI for EF, seed 002 "Key Results").
-Dice is ``monai.metrics.compute_dice`` per case and class, NaN where the class is absent from the ground truth.
+Dice is :func:`monai_peft.metrics.label_dice` (MONAI's ``compute_dice``) per case and class, NaN where the class is
+absent from the ground truth.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.metrics import MAEMetric, MSEMetric, compute_dice
-from monai.networks.utils import one_hot
+from monai.metrics import MAEMetric, MSEMetric
 from monai.utils import optional_import
+
+from monai_peft.metrics import label_dice
 
 R2Score, _ = optional_import("ignite.metrics.regression", name="R2Score")
 
@@ -61,9 +63,7 @@ def dice_per_case(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> 
     """
     p = pred if pred.ndim == 4 else pred[:, None]
     g = label if label.ndim == 4 else label[:, None]
-    d = compute_dice(one_hot(p.long(), num_classes), one_hot(g.long(), num_classes), include_background=False,
-                     ignore_empty=True)
-    return d.cpu().double().numpy()
+    return label_dice(p, g, num_classes).cpu().double().numpy()
 
 
 def summarise(kind: str, scores: dict, class_names: Sequence[str] = ()) -> dict:

@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from monai.utils import optional_import
 
-from monai_peft.io import atomic_replace_dir
+from monai_peft.io import atomic_replace_dir, atomic_write_json
+from monai_peft.tuners.wrappers import adapter_kind
 
 from .models import LORA_TARGETS, EchoBackbone, lora_target_modules
 from .tasks import TaskSpec, get_task
@@ -77,7 +78,7 @@ def save_backbone(backbone: EchoBackbone, directory: str | os.PathLike, head: nn
     sd = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     safetensors_torch.save_file(sd, str(tmp / BACKBONE_WEIGHTS))
     meta = {"segformer_config": backbone.segformer_config.to_dict(), **(extra or {})}
-    (tmp / BACKBONE_CONFIG).write_text(json.dumps(meta, indent=2, default=str))
+    atomic_write_json(tmp / BACKBONE_CONFIG, meta, default=str)
     if head is not None:
         if task is None:
             raise ValueError("save_backbone: 'task' is required when 'head' is given.")
@@ -109,7 +110,7 @@ def load_backbone(directory: str | os.PathLike) -> tuple[EchoBackbone, dict]:
 def _save_head(head: nn.Module, task: TaskSpec, directory: Path) -> None:
     sd = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     safetensors_torch.save_file(sd, str(directory / HEAD_WEIGHTS))
-    (directory / TASK_FILE).write_text(json.dumps(task.to_dict(), indent=2))
+    atomic_write_json(directory / TASK_FILE, task.to_dict())
 
 
 def _load_head(directory: Path, in_channels: int) -> tuple[nn.Module, TaskSpec]:
@@ -178,7 +179,7 @@ class MultiTaskEchoModel(nn.Module):
             raise ValueError(f"task {name!r} not loaded; available: {sorted(self.tasks)}.")
         self.body.set_adapter(name)
         for n, p in self.body.named_parameters():
-            p.requires_grad_(f".{name}." in n and "lora_" in n)
+            p.requires_grad_(f".{name}." in n and adapter_kind(n) == "lora")
         for n, h in self.heads.items():
             h.requires_grad_(n == name)
         self.active = name

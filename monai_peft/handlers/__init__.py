@@ -7,7 +7,6 @@ from monai_peft.handlers.adapter_checkpoint import (
     AdapterLoader,
     load_adapter_folder,
     save_adapter_folder,
-    unwrap_network,
 )
 from monai_peft.handlers.case_metrics import CaseMetricsWriter, case_id_of, case_metrics
 from monai_peft.handlers.cost_meter import CostMeter, batch_size_of, peak_memory_gb
@@ -33,5 +32,4 @@ __all__ = [
     "load_adapter_folder",
     "peak_memory_gb",
     "save_adapter_folder",
-    "unwrap_network",
 ]

@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_peft.io import atomic_replace_dir
-from monai_peft.workflows.records import atomic_write_json, process_rank
+from monai_peft.io import atomic_replace_dir, atomic_write_json
+from monai_peft.tuners.wrappers import unwrap_network
+from monai_peft.workflows.records import process_rank
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -25,19 +28,13 @@ else:
 load_safetensors, _ = optional_import("safetensors.torch", name="load_file")
 save_safetensors, _ = optional_import("safetensors.torch", name="save_file")
 
-__all__ = ["AdapterCheckpoint", "AdapterLoader", "save_adapter_folder", "load_adapter_folder", "unwrap_network"]
+__all__ = ["AdapterCheckpoint", "AdapterLoader", "save_adapter_folder", "load_adapter_folder", "rng_state",
+           "set_rng_state"]
 
 STATE_FILE = "training_state.pt"
 INFO_FILE = "checkpoint.json"
 PLAIN_WEIGHTS = "model.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-
-
-def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers."""
-    while isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        network = network.module
-    return network
 
 
 def _is_peft(network: torch.nn.Module) -> bool:
@@ -73,7 +70,7 @@ def save_adapter_folder(network: torch.nn.Module, folder: str | Path, info: dict
             save_safetensors(state, str(tmp / PLAIN_WEIGHTS))
         if extra_state is not None:
             torch.save(extra_state, tmp / STATE_FILE)
-        atomic_write_json(tmp / INFO_FILE, info or {})
+        atomic_write_json(tmp / INFO_FILE, info or {}, nan_as_null=True)
         atomic_replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -158,6 +155,31 @@ def load_adapter_folder(network: torch.nn.Module, folder: str | Path, adapter_na
     raise FileNotFoundError(f"{folder} holds neither {PEFT_WEIGHTS} (peft model) nor {PLAIN_WEIGHTS} (plain model).")
 
 
+def rng_state() -> dict[str, Any]:
+    """The random generators a training epoch draws from (Python, numpy, torch CPU and CUDA), in types that
+    ``torch.load(weights_only=True)`` reads back."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned (the CUDA generators only when this machine has the same count)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class AdapterCheckpoint:
     """Save the adapter (peft folder, safetensors) after every epoch and at the best validation metric; resume.
 
@@ -166,8 +188,12 @@ class AdapterCheckpoint:
         last/   adapter_config.json, adapter_model.safetensors, checkpoint.json, training_state.pt
         best/   adapter_config.json, adapter_model.safetensors, checkpoint.json
 
-    ``last/training_state.pt`` holds the optimizer, LR scheduler and engine counters, so ``resume=True``
-    continues a killed run at the epoch after the last one saved, with the same best metric. Each folder is
+    ``last/training_state.pt`` holds the optimizer, LR scheduler, the trainer's AMP gradient scaler (``engine.scaler``
+    of MONAI's ``SupervisedTrainer``) and the random generators (:func:`rng_state`), and ``checkpoint.json`` the
+    engine counters, so ``resume=True`` continues a killed run at the epoch after the last one saved, with the same
+    best metric, to the same weights as a run that was never interrupted (the data loader's shuffling and dropout
+    draw from the restored generators; transforms with their own generators, MONAI's ``Randomizable``, restart from
+    their seed). Each folder is
     written to a temporary folder beside it and renamed into place. Only rank 0 writes in a distributed run;
     every rank resumes.
 
@@ -258,6 +284,11 @@ class AdapterCheckpoint:
                 self.optimizer.load_state_dict(state["optimizer"])
             if self.lr_scheduler is not None and "lr_scheduler" in state:
                 self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            scaler = getattr(engine, "scaler", None)
+            if scaler is not None and "grad_scaler" in state:
+                scaler.load_state_dict(state["grad_scaler"])
+            if "rng" in state:
+                set_rng_state(state["rng"])
         epoch, iteration = int(info["epoch"]), int(info["iteration"])
         if engine.state.max_epochs is not None and epoch >= engine.state.max_epochs:
             engine.logger.info(
@@ -279,6 +310,10 @@ class AdapterCheckpoint:
             extra["optimizer"] = self.optimizer.state_dict()
         if self.lr_scheduler is not None:
             extra["lr_scheduler"] = self.lr_scheduler.state_dict()
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None and hasattr(scaler, "state_dict"):
+            extra["grad_scaler"] = scaler.state_dict()
+        extra["rng"] = rng_state()
         info = {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
                 "max_epochs": engine.state.max_epochs, "best_metric": self.best_metric, "best_epoch": self.best_epoch}
         save_adapter_folder(self.network, self.last_dir, info=info, extra_state=extra)

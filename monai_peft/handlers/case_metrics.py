@@ -10,12 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from monai.metrics import compute_dice, compute_surface_dice
+from monai.metrics import compute_surface_dice
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_peft.workflows.records import atomic_write_json, atomic_write_text, update_run_record
+from monai_peft.metrics import nan_mean, onehot_dice
+from monai_peft.io import atomic_write_json, atomic_write_text
+from monai_peft.workflows.records import update_run_record
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -64,7 +65,7 @@ def case_metrics(
     if pred.shape != label.shape:
         raise ValueError(f"pred shape {tuple(pred.shape)} differs from label shape {tuple(label.shape)}.")
     p, y = pred.unsqueeze(0).float(), label.unsqueeze(0).float()
-    dice = compute_dice(p, y, include_background=False, ignore_empty=True)[0].tolist()
+    dice = onehot_dice(p, y)[0].tolist()
     nsd = None
     if nsd_tolerance_mm is not None:
         n_fg = pred.shape[0] - 1
@@ -78,11 +79,6 @@ def case_metrics(
             )[0]
         nsd = nsd_t.tolist()
     return dice, nsd
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
 
 
 class CaseMetricsWriter:
@@ -164,10 +160,10 @@ class CaseMetricsWriter:
             spacing = _spacing_of(label) or _spacing_of(pred)
             dice, nsd = case_metrics(pred.detach(), label.detach(), self.nsd_tolerance_mm, spacing)
             case = {"case": case_id_of(filename, len(self.cases)), "image": str(filename) if filename else None,
-                    "dice": dict(zip(self.class_names, dice)), "mean_dice": _nanmean(dice)}
+                    "dice": dict(zip(self.class_names, dice)), "mean_dice": nan_mean(dice)}
             if nsd is not None:
                 case["nsd"] = dict(zip(self.class_names, nsd))
-                case["mean_nsd"] = _nanmean(nsd)
+                case["mean_nsd"] = nan_mean(nsd)
             self.cases.append(case)
 
     def summary(self) -> dict[str, Any]:
@@ -176,9 +172,9 @@ class CaseMetricsWriter:
         for metric in ("dice", "nsd"):
             if not self.cases or metric not in self.cases[0]:
                 continue
-            per_class = {c: _nanmean([case[metric][c] for case in self.cases]) for c in self.class_names}
+            per_class = {c: nan_mean([case[metric][c] for case in self.cases]) for c in self.class_names}
             out[f"per_class_{metric}"] = per_class
-            out[f"mean_{metric}"] = _nanmean(list(per_class.values()))
+            out[f"mean_{metric}"] = nan_mean(list(per_class.values()))
         return out
 
     def _csv(self) -> str:
@@ -207,7 +203,8 @@ class CaseMetricsWriter:
         summary["nsd_tolerance_mm"] = self.nsd_tolerance_mm
         json_path = self.output_dir / f"{self.prefix}.json"
         csv_path = self.output_dir / f"{self.prefix}.csv"
-        atomic_write_json(json_path, {"class_names": self.class_names, "summary": summary, "cases": self.cases})
+        atomic_write_json(json_path, {"class_names": self.class_names, "summary": summary, "cases": self.cases},
+                          nan_as_null=True)
         atomic_write_text(csv_path, self._csv())
         engine.state.case_metrics = summary
         engine.logger.info(

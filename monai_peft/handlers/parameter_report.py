@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_peft.handlers.adapter_checkpoint import unwrap_network
-from monai_peft.workflows.records import atomic_write_json, process_rank, update_run_record
+from monai_peft.io import atomic_write_json
+from monai_peft.tuners.wrappers import TRAINED_COPY_ORIGINALS, unwrap_network
+from monai_peft.workflows.records import process_rank, update_run_record
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -20,10 +21,6 @@ else:
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
 __all__ = ["ParameterReportHandler", "count_parameters", "frozen_fingerprint"]
-
-# peft wrappers that train a copy of the module they wrap: (attribute of the copies, attribute of the idle original)
-_TRAINED_COPY_WRAPPERS = (("modules_to_save", "original_module"), ("ln_tuning_layers", "base_layer"))
-
 
 def frozen_fingerprint(network: torch.nn.Module) -> dict[str, Any] | None:
     """SHA-256 over the names, dtypes, shapes and raw bytes of every frozen parameter of ``network`` in the forward
@@ -40,7 +37,7 @@ def frozen_fingerprint(network: torch.nn.Module) -> dict[str, Any] | None:
     net = unwrap_network(network)
     # peft trains some modules as copies (modules_to_save, LN tuning = "full") and keeps each original frozen but out
     # of the forward pass: such originals are no frozen backbone (with full fine-tuning they are the whole network)
-    spare = {id(q) for m in net.modules() for copies, original in _TRAINED_COPY_WRAPPERS
+    spare = {id(q) for m in net.modules() for copies, original in TRAINED_COPY_ORIGINALS.items()
              if isinstance(getattr(m, copies, None), torch.nn.ModuleDict)
              and isinstance(getattr(m, original, None), torch.nn.Module)
              for q in getattr(m, original).parameters()}
@@ -164,6 +161,6 @@ class ParameterReportHandler:
             return
         if self.report_path is not None:
             data = report.as_dict() if report is not None and hasattr(report, "as_dict") else counts
-            atomic_write_json(self.report_path, data)
+            atomic_write_json(self.report_path, data, nan_as_null=True)
         if self.record_path is not None:
             update_run_record(self.record_path, {**self.run_info, "parameters": counts})

@@ -10,6 +10,8 @@ from monai.handlers import IgniteMetricHandler
 from monai.metrics import DiceMetric
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from monai_peft.metrics import IGNORE_EMPTY
+
 if TYPE_CHECKING:
     from ignite.engine import Engine
 else:
@@ -24,13 +26,13 @@ class PerClassDice(IgniteMetricHandler):
     The value stored under the metric's own name is the mean over classes of the per-class Dice
     averaged over cases (classes absent from every case are left out of the mean), so it can be the key
     metric of an evaluator. Each class gets its own entry in ``engine.state.metrics`` named
-    ``f"{name}_{class_name}"``.
+    ``f"{name}_{class_name}"``. A case whose ground truth lacks a class gives NaN for it and is skipped
+    (:data:`monai_peft.metrics.IGNORE_EMPTY`, the one Dice convention).
 
     Args:
         class_names: names of the foreground classes in channel order (channel 1 is ``class_names[0]``
             when ``include_background`` is False). ``None`` names them ``"1"``, ``"2"``, ...
         include_background: whether channel 0 counts as a class. Default False.
-        ignore_empty: ignore cases where a class is absent in the ground truth. Default True.
         output_transform: maps ``engine.state.output`` to ``(y_pred, y)``, one-hot tensors of shape
             ``(B, C, H, W[, D])`` or lists of ``(C, H, W[, D])``. MONAI's ``from_engine(["pred", "label"])``
             is the usual choice after decollating post-transforms.
@@ -41,7 +43,6 @@ class PerClassDice(IgniteMetricHandler):
         self,
         class_names: Sequence[str] | None = None,
         include_background: bool = False,
-        ignore_empty: bool = True,
         output_transform: Callable = lambda x: x,
         save_details: bool = True,
     ) -> None:
@@ -49,7 +50,7 @@ class PerClassDice(IgniteMetricHandler):
             raise ValueError(f"class_names must be a non-empty list of names, got {class_names!r}.")
         self.class_names = list(class_names) if class_names is not None else None
         self.include_background = include_background
-        metric = DiceMetric(include_background=include_background, reduction="mean_batch", ignore_empty=ignore_empty)
+        metric = DiceMetric(include_background=include_background, reduction="mean_batch", ignore_empty=IGNORE_EMPTY)
         super().__init__(metric_fn=metric, output_transform=output_transform, save_details=save_details)
 
     def compute(self) -> Any:

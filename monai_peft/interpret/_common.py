@@ -19,6 +19,10 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
 from monai_peft.io import atomic_save_nifti, atomic_write_json, json_default
+from monai_peft.tuners.module_types import ANY_CONV_TYPES
+from monai_peft.tuners.wrappers import (
+    TRAINED_COPY_ORIGINALS, TUNER_BASE, WRAPPED_PARTS, adapter_kind, strip_peft_prefix,
+)
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -28,17 +32,8 @@ else:
 
 logger = logging.getLogger(__name__)
 
-CONV_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-# name parts that mark parameter-efficient modules (peft's LoRA, our ConvAdapter / SSF) when the
-# model carries no peft_config to read adapter names from.
-_ADAPTER_TOKENS = re.compile(r"(^|[._])(lora_[A-Za-z]+|adapter[A-Za-z_]*|convadapter[A-Za-z_]*|ssf_[A-Za-z]+)($|[._])")
+# name parts of adapters built by hand, outside peft (peft's own are told by monai_peft.tuners.wrappers.adapter_kind)
+_HAND_MADE_ADAPTER = re.compile(r"(^|[._])(adapter|convadapter)[A-Za-z_]*($|[._])")
 
 
 def adapter_names(model: nn.Module) -> set[str]:
@@ -57,16 +52,17 @@ def is_adapter_module(name: str, names: set[str] | None = None) -> bool:
     Args:
         name: dotted module name from ``named_modules()``.
         names: adapter names of the model (see :func:`adapter_names`); ``None`` falls back to the
-            name tokens ``lora_*``, ``adapter*``, ``ssf_*``.
+            adapter prefixes of :mod:`monai_peft.tuners.wrappers` (``lora_*``, ``conv_adapter_*``, ``ssf_*`` ...) and
+            hand-made ``adapter*`` modules.
     """
     parts = name.split(".")
     # base_layer: the wrapped frozen layer; modules_to_save / original_module: peft's trainable copy of a
     # backbone module (e.g. the new head) and the original beside it: backbone layers, not adapters
-    if "base_layer" in parts[-1:] or "modules_to_save" in parts or "original_module" in parts:
+    if parts[-1] == TUNER_BASE or any(p in TRAINED_COPY_ORIGINALS or p in WRAPPED_PARTS[1:] for p in parts):
         return False
     if names and any(p in names for p in parts):
         return True
-    return bool(_ADAPTER_TOKENS.search(name))
+    return adapter_kind(name) is not None or bool(_HAND_MADE_ADAPTER.search(name))
 
 
 def find_module(model: nn.Module, name: str) -> tuple[str, nn.Module]:
@@ -129,7 +125,7 @@ def trace_convs(model: nn.Module, x: torch.Tensor) -> tuple[list[str], torch.Ten
 
         return hook
 
-    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, CONV_TYPES)]
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, ANY_CONV_TYPES)]
     try:
         with torch.no_grad():
             logits = first_output(model(x))
@@ -216,9 +212,8 @@ def resample_to_grid(
 ) -> np.ndarray:
     """Resample a 3D ``volume`` with voxel-to-world ``affine`` onto another grid (e.g. the original image's).
 
-    Each reference voxel is mapped through ``ref_affine`` to world coordinates and through
-    ``inv(affine)`` into ``volume``; outside ``volume`` the result is 0. Runs slice by slice along the
-    last axis, so large reference grids do not need one big coordinate array.
+    nibabel's ``resample_from_to``: each reference voxel is mapped through ``ref_affine`` to world coordinates and
+    through ``inv(affine)`` into ``volume``; outside ``volume`` the result is 0.
 
     Args:
         volume: ``(H, W, D)`` array.
@@ -226,26 +221,17 @@ def resample_to_grid(
         ref_shape: ``(H', W', D')`` of the target grid.
         ref_affine: 4x4 voxel-to-world matrix of the target grid.
         order: spline order, 1 (linear) for heatmaps, 0 (nearest) for masks.
+
+    Returns:
+        the resampled ``(H', W', D')`` float32 array.
     """
-    from scipy.ndimage import map_coordinates
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
 
-    ref_to_src = np.linalg.inv(np.asarray(affine, float)) @ np.asarray(ref_affine, float)
-    h, w, d = (int(s) for s in ref_shape)
-    ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    out = np.zeros((h, w, d), dtype=np.float32)
-    vol = np.asarray(volume, dtype=np.float32)
-    for k in range(d):
-        ijk = np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, k), np.ones(ii.size)])
-        src = (ref_to_src @ ijk)[:3]
-        out[:, :, k] = map_coordinates(vol, src, order=order, mode="constant", cval=0.0).reshape(h, w)
-    return out
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two binary masks; two empty masks score 1.0."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    denom = a.sum() + b.sum()
-    return 1.0 if denom == 0 else float(2.0 * np.logical_and(a, b).sum() / denom)
+    source = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), np.asarray(affine, dtype=np.float64))
+    target = (tuple(int(s) for s in ref_shape), np.asarray(ref_affine, dtype=np.float64))
+    out = resample_from_to(source, target, order=order, mode="constant", cval=0.0)
+    return np.asarray(out.dataobj, dtype=np.float32)
 
 
 def central_slices(volume: np.ndarray, center: Sequence[int]) -> list[np.ndarray]:
@@ -306,7 +292,7 @@ def batch_items(batch: Any, image_key: str, label_key: str | None, handler: str)
 
 def short_name(name: str) -> str:
     """A module name without a peft model's ``base_model.model.`` prefix."""
-    return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+    return strip_peft_prefix(name)
 
 
 def safe_name(name: str) -> str:

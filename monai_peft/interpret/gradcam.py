@@ -33,6 +33,7 @@ from monai.utils import optional_import
 from torch import nn
 
 from monai_peft.io import atomic_save_figure, atomic_write_json, json_default
+from monai_peft.metrics import mask_dice, nan_mean
 from monai_peft.interpret._common import (
     PerCaseAnalysisHandler,
     adapter_names,
@@ -40,7 +41,6 @@ from monai_peft.interpret._common import (
     as_label,
     central_slices,
     default_gradcam_layers,
-    dice,
     find_module,
     image_affine,
     is_adapter_module,
@@ -225,16 +225,16 @@ def otsu_dice(cam: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
         mask: binary ground truth of the same shape.
 
     Returns:
-        ``(dice, threshold)``; a constant heatmap has no threshold (``nan``) and Dice 0 unless the
-        mask is empty as well.
+        ``(dice, threshold)``; Dice is :func:`monai_peft.metrics.mask_dice` (NaN for an empty mask); a constant
+        heatmap has no threshold (``nan``) and lights up nothing (Dice 0, NaN for an empty mask).
     """
     cam = np.asarray(cam, dtype=np.float64)
     if cam.shape != np.shape(mask):
         raise ValueError(f"cam shape {cam.shape} differs from mask shape {np.shape(mask)}")
     if np.ptp(cam) <= 1e-12:
-        return (1.0 if not np.any(mask) else 0.0), float("nan")
+        return mask_dice(np.zeros(cam.shape, bool), mask), float("nan")
     t = float(threshold_otsu(cam))
-    return dice(cam > t, mask), t
+    return mask_dice(cam > t, mask), t
 
 
 def save_gradcam_overlays(
@@ -368,7 +368,7 @@ def run_gradcam(
         record["dice"], record["threshold"] = None, None
     else:
         record["mean_dice_per_layer"] = {
-            layer: float(np.mean([record["dice"][names[c]][layer] for c in result.classes])) for layer in result.layers
+            layer: nan_mean(record["dice"][names[c]][layer] for c in result.classes) for layer in result.layers
         }
     if save_png:
         img = x[0, 0].detach().cpu().numpy()
@@ -436,12 +436,12 @@ class GradCAMHandler(PerCaseAnalysisHandler):
         )
 
     def summary(self) -> dict[str, Any]:
-        """Mean Otsu Dice per class and layer over the explained cases."""
+        """Mean Otsu Dice per class and layer over the explained cases (cases without the class skipped)."""
         scored = [r for r in self.records if r.get("dice")]
         out: dict[str, Any] = {"cases": [r["case"] for r in self.records], "mean_dice": {}}
         for r in scored:
             for cname, per_layer in r["dice"].items():
                 for layer, d in per_layer.items():
                     out["mean_dice"].setdefault(cname, {}).setdefault(layer, []).append(d)
-        out["mean_dice"] = {c: {k: float(np.mean(v)) for k, v in lv.items()} for c, lv in out["mean_dice"].items()}
+        out["mean_dice"] = {c: {k: nan_mean(v) for k, v in lv.items()} for c, lv in out["mean_dice"].items()}
         return out

@@ -8,7 +8,8 @@ For a layer with features ``F (C, h, w, d)`` and the network's own prediction as
 3. assigns every voxel to the more similar prototype (cosine similarity by default): the binary
    segmentation-ability map (SAM), at the layer's resolution,
 4. brings the SAM back to input resolution (nearest neighbour) and scores it against the ground truth
-   with Dice: the segmentation ability (SA).
+   with Dice (:func:`monai_peft.metrics.mask_dice`): the segmentation ability (SA), NaN for a target the
+   ground truth lacks.
 
 A voxel equally similar to both prototypes goes to the background, so a layer whose features are
 constant (no information) gets SA 0 instead of a chance score.
@@ -34,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from monai_peft.io import atomic_save_figure, atomic_write_json, json_default
+from monai_peft.tuners.module_types import ANY_CONV_TYPES
+from monai_peft.metrics import mask_dice, nan_mean
 from monai_peft.interpret._common import (
-    CONV_TYPES,
     PerCaseAnalysisHandler,
     adapter_names,
     as_batch,
@@ -133,11 +135,6 @@ def segmentation_ability_map(features: torch.Tensor, guide: torch.Tensor, metric
     return (s_fg > s_bg + margin).reshape(feats.shape[1:])
 
 
-def _dice_t(a: torch.Tensor, b: torch.Tensor) -> float:
-    denom = a.sum() + b.sum()
-    return 1.0 if int(denom) == 0 else float(2.0 * (a & b).sum() / denom)
-
-
 def _targets(
     pred: torch.Tensor, gt: torch.Tensor, classes: Sequence[int] | None, names: Mapping[int, str]
 ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -187,7 +184,7 @@ def protoseg(
     names = adapter_names(model)
     cls_names = dict(class_names or {})
     if layers is None:
-        chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, CONV_TYPES)]
+        chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, ANY_CONV_TYPES)]
     else:
         chosen = [find_module(model, n) for n in layers]
     if not chosen:
@@ -220,7 +217,7 @@ def protoseg(
             for tname, guide, truth in targets:
                 sam = segmentation_ability_map(feats[0], guide, metric=metric)
                 sam_full = _resize_mask(sam, spatial)
-                sa[tname] = _dice_t(sam_full, truth)
+                sa[tname] = mask_dice(sam_full, truth)
                 if name in keep:
                     maps[tname] = sam_full.cpu().numpy()
             adapter = is_adapter_module(name, names)
@@ -434,6 +431,6 @@ class ProtoSegHandler(PerCaseAnalysisHandler):
                     acc.setdefault(layer["name"], {}).setdefault(t, []).append(v)
         return {
             "cases": [r["case"] for r in self.records],
-            "layers": [{"name": n, "adapter": kinds[n], "mean_sa": {t: float(np.mean(v)) for t, v in tv.items()}}
+            "layers": [{"name": n, "adapter": kinds[n], "mean_sa": {t: nan_mean(v) for t, v in tv.items()}}
                        for n, tv in acc.items()],
         }

@@ -11,6 +11,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from monai_peft.tuners.wrappers import TUNER_BASE
+
 
 def first_tensor_device_and_dtype(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
     """Device and dtype of ``module.weight``, else of its first floating parameter, else buffer (for blocks without
@@ -47,8 +49,8 @@ class ReplaceModuleMixin:
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         setattr(parent, child_name, new_module)
-        if hasattr(child, "base_layer"):
-            child = child.base_layer
+        if hasattr(child, TUNER_BASE):
+            child = getattr(child, TUNER_BASE)
         device, _ = first_tensor_device_and_dtype(child)
         if device is None:
             return

@@ -19,7 +19,9 @@ from typing import Optional
 
 from torch import nn
 
-__all__ = ["BlockFamily", "FAMILIES", "family_of", "find_blocks", "import_class", "token_width", "unwrap"]
+from monai_peft.tuners.wrappers import TUNER_BASE, is_wrapper_internal, tuner_base_layer
+
+__all__ = ["BlockFamily", "FAMILIES", "family_of", "find_blocks", "import_class", "token_width"]
 
 
 @dataclass(frozen=True)
@@ -104,11 +106,12 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, BlockFamily]]:
     """
     out = []
     for name, module in model.named_modules():
-        if ".base_layer" in f".{name}" or ".modules_to_save." in f".{name}.":
+        # a tuner layer stands for its base layer; adapter modules and trained copies are no blocks of the network
+        if TUNER_BASE in name.split(".") or is_wrapper_internal(name):
             continue
-        fam = family_of(unwrap(module))
+        fam = family_of(tuner_base_layer(module))
         if fam is not None:
-            out.append((name, unwrap(module), fam))
+            out.append((name, tuner_base_layer(module), fam))
     return out
 
 
@@ -120,7 +123,3 @@ def token_width(block: nn.Module, family: BlockFamily) -> int:
     return int(norm.normalized_shape[0])
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module under a peft tuner layer (itself when not wrapped)."""
-    get_base = getattr(module, "get_base_layer", None)
-    return get_base() if callable(get_base) else module

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from monai_peft.io import atomic_torch_save
-from monai_peft.handlers.adapter_checkpoint import INFO_FILE, load_adapter_folder, unwrap_network
-from monai_peft.workflows.records import atomic_write_json
+from monai_peft.handlers.adapter_checkpoint import INFO_FILE, load_adapter_folder
+from monai_peft.io import atomic_torch_save, atomic_write_json
+from monai_peft.tuners.wrappers import WRAPPED_PARTS, is_wrapper_internal, unwrap_network
 
 __all__ = [
     "check_dataset_dir",
@@ -330,8 +330,7 @@ def export_merged(network: torch.nn.Module, adapter_dir: str | Path | None, file
                        "no merged network written, ship the adapter folder")
         return None
     state = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
-    leftovers = [k for k in state if any(t in k for t in ("lora_", "ssf_", "conv_adapter_", "base_layer",
-                                                            "modules_to_save", "original_module"))]
+    leftovers = [k for k in state if is_wrapper_internal(k) or set(k.split(".")) & set(WRAPPED_PARTS)]
     if leftovers:
         raise ValueError(f"export: merging {method} left adapter tensors in the network, e.g. {leftovers[:3]}.")
     if plain_keys is not None and set(state) != plain_keys:
@@ -345,6 +344,6 @@ def export_merged(network: torch.nn.Module, adapter_dir: str | Path | None, file
     atomic_torch_save(state, filepath)
     atomic_write_json(filepath.with_suffix(filepath.suffix + ".json"),
                       {"method": method, "adapter_dir": str(adapter_dir) if adapter_dir else None,
-                       "n_tensors": len(state), "network": type(merged).__name__})
+                       "n_tensors": len(state), "network": type(merged).__name__}, nan_as_null=True)
     logger.info(f"export: merged {method} network written to {filepath}")
     return filepath

@@ -36,10 +36,10 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import SegResNet
 from monai.utils import set_determinism
 
-from monai_peft.io import atomic_save_figure, atomic_torch_save
+from monai_peft.io import atomic_save_figure, atomic_torch_save, atomic_write_json
 from monai_peft.workflows.demo_methods import DEMO_METHODS, PRETRAIN_LR
 from monai_peft.workflows.engines import build_evaluator, build_test_evaluator, build_trainer
-from monai_peft.workflows.records import atomic_write_json, read_run_record, update_run_record
+from monai_peft.workflows.records import read_run_record, update_run_record
 
 __all__ = ["SOURCE_CLASSES", "TARGET_CLASSES", "DEMO_METHODS", "PRETRAIN_LR", "PHANTOM_SIZE", "PHANTOM_SPACING",
            "PHANTOM_ORGAN_SCALE", "ROI_SIZE", "demo_network", "demo_loss", "class_weights", "run_demo", "format_table",
@@ -286,7 +286,7 @@ def run_demo(
             # with one thread, the process's CPU time is about the wall time on an otherwise idle machine
             "cpu_seconds": time.process_time() - cpu_start,
         }
-        atomic_write_json(out / "comparison.json", result)
+        atomic_write_json(out / "comparison.json", result, nan_as_null=True)
         plot_comparison(rows, out / "comparison.png")
         _plot_curves([pretrain_dir] + [out / m for m in methods], out / "curves.png")
         return result

@@ -28,33 +28,15 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from monai_peft.io import atomic_write_json as _write_json
-from monai_peft.io import atomic_write_text
+from monai_peft.io import atomic_write_json, plain_json
 
-__all__ = ["RECORD_VERSION", "atomic_write_json", "atomic_write_text", "process_rank", "read_run_record",
-           "update_run_record"]
+__all__ = ["RECORD_VERSION", "process_rank", "read_run_record", "update_run_record"]
 
 RECORD_VERSION = 1
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types; NaN/inf become None so the file stays standard JSON."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
-        return _jsonable(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def process_rank() -> int:
@@ -62,14 +44,6 @@ def process_rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def atomic_write_json(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON atomically; NaN/inf become null, numpy/torch values plain numbers.
-
-    The run-record flavour of :func:`monai_peft.io.atomic_write_json` (the file stays standard JSON).
-    """
-    return _write_json(path, _jsonable(data), allow_nan=False)
 
 
 def read_run_record(path: str | Path) -> dict[str, Any]:
@@ -110,8 +84,8 @@ def update_run_record(path: str | Path, sections: Mapping[str, Any]) -> dict[str
         The record as written.
     """
     record = read_run_record(path)
-    record = _merge(record, _jsonable(dict(sections)))
+    record = _merge(record, plain_json(dict(sections)))
     record["record_version"] = RECORD_VERSION
     record["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    atomic_write_json(path, record)
+    atomic_write_json(path, record, nan_as_null=True)
     return record

@@ -28,6 +28,7 @@ from monai.utils import set_determinism
 from monai_peft.handlers import load_adapter_folder
 from monai_peft.io import atomic_write_json
 from monai_peft.workflows.records import read_run_record, update_run_record
+from monai_peft.tuners.wrappers import user_network
 
 from .data import echonet_video_datalist, video_datalist, video_transforms
 from .engines import build_ef_evaluator, build_ef_trainer
@@ -199,7 +200,7 @@ def finetune_video_ef(checkpoint: str | os.PathLike, echonet_root: str | os.Path
     kwargs.update(method_kwargs or {})
     lr = lr if lr is not None else METHOD_DEFAULTS.get(method, {}).get("lr", DEFAULT_LR)
     model = build_video_ef_model(checkpoint, method, layers, num_frames, image_size, **kwargs)
-    cfg = model.base_model.model.videomae_config
+    cfg = user_network(model).videomae_config
     spec = {"checkpoint": str(Path(checkpoint).resolve()), "method": method, "layers": layers, "method_kwargs": kwargs,
             "num_frames": cfg.num_frames, "image_size": cfg.image_size, "stride": stride, "clips": clips,
             "base_fingerprint": encoder_fingerprint(model)}

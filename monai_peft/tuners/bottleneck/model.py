@@ -8,7 +8,8 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from monai_peft.tuners._common import AtomicInjectMixin, ReplaceModuleMixin, StrictLoadMixin, exact_names_regex
-from monai_peft.tuners.transformer_blocks import FAMILIES, family_of, find_blocks, token_width, unwrap
+from monai_peft.tuners.transformer_blocks import FAMILIES, family_of, find_blocks, token_width
+from monai_peft.tuners.wrappers import tuner_base_layer
 
 from .config import BottleneckAdapterConfig
 from .layer import BottleneckAdapterLayer, BottleneckAdapterModule
@@ -58,7 +59,7 @@ class BottleneckAdapterModel(AtomicInjectMixin, ReplaceModuleMixin, StrictLoadMi
         """``(in_features, out_features, input_norm)`` of a target, or TypeError naming it."""
         if isinstance(target, nn.Linear):
             return target.in_features, target.out_features, None
-        block = unwrap(parent)
+        block = tuner_base_layer(parent)
         fam = family_of(block)
         if fam is not None and target_name in (fam.attention, fam.mlp):
             width = token_width(block, fam)

@@ -9,7 +9,8 @@ from torch import nn
 
 from monai_peft.tuners._common import AtomicInjectMixin, ReplaceModuleMixin, StrictLoadMixin, exact_names_regex
 from monai_peft.tuners.transformer_blocks import (BlockFamily, FAMILIES, import_class, family_of, find_blocks,
-                                                  token_width, unwrap)
+                                                  token_width)
+from monai_peft.tuners.wrappers import TRAINED_COPY_ORIGINALS, tuner_base_layer
 
 from .config import VPTConfig
 from .layer import VPTLayer, VPTModule
@@ -49,7 +50,7 @@ def prompt_site(target: nn.Module, target_name: str, parent: nn.Module, key: str
     ``kind`` is ``"sequence"`` for a block that takes the prompts in its token sequence and ``"key_value"`` for the
     attention of a block that joins them to its key/value sequence (Segformer).
     """
-    target = unwrap(target)
+    target = tuner_base_layer(target)
     fam = family_of(target)
     if fam is not None and not fam.prompt_site:
         if fam.name.startswith("MONAI"):
@@ -62,7 +63,7 @@ def prompt_site(target: nn.Module, target_name: str, parent: nn.Module, key: str
         raise TypeError(f"VPT cannot prompt '{key}' ({type(target).__name__}): {fam.name} blocks reshape their tokens "
                         f"to a spatial map; target its '{fam.prompt_site}' ('{key}.{fam.prompt_site}'), where the "
                         "prompts join the key/value sequence.")
-    block = unwrap(parent)
+    block = tuner_base_layer(parent)
     parent_fam = family_of(block)
     if parent_fam is not None and parent_fam.prompt_site and target_name == parent_fam.prompt_site:
         if not all(hasattr(target, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "sequence_reduction_ratio")):
@@ -125,7 +126,8 @@ class VPTModel(AtomicInjectMixin, ReplaceModuleMixin, StrictLoadMixin, BaseTuner
         groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
         modules = dict(self.model.named_modules())
         for key, module in modules.items():
-            if not key or any(key.startswith(t + ".") for t in tuner_layers) or ".modules_to_save." in f".{key}.":
+            inside_copy = any(part in TRAINED_COPY_ORIGINALS for part in key.split("."))
+            if not key or any(key.startswith(t + ".") for t in tuner_layers) or inside_copy:
                 continue
             if check_target_module_exists(config, key):
                 parent_key, _, name = key.rpartition(".")
