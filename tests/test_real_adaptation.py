@@ -1,0 +1,131 @@
+"""benchmarks/real_adaptation.py: the MR split's leakage guards, a ``--quick`` smoke run, and the learning-rate defaults
+it sets (monai_peft.defaults)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "real_adaptation.py"
+COMMITTED = REPO / "benchmarks" / "results" / "real_adaptation.json"
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("real_adaptation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mr_split_normalises_with_the_training_slab_only():
+    ra = _benchmark()
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.0, 800.0, (7, 6, 20)).astype(np.float32)
+    label = rng.integers(0, 4, (7, 6, 20))
+    slabs, window = ra.split_mr(image, label, {"val": (0, 5), "train": (5, 15), "test": (15, 20)})
+    assert window == pytest.approx(tuple(np.percentile(image[..., 5:15], ra.MR_PERCENTILES)))
+    # slabs are the volume's slices, in order, without overlap or gap
+    np.testing.assert_array_equal(np.concatenate([slabs[k]["label"][0] for k in ("val", "train", "test")], -1), label)
+    # changing the held-out slabs' intensities changes neither the window nor the training input
+    changed = image.copy()
+    changed[..., :5] *= 40.0
+    changed[..., 15:] -= 500.0
+    slabs2, window2 = ra.split_mr(changed, label, {"val": (0, 5), "train": (5, 15), "test": (15, 20)})
+    assert window2 == window
+    np.testing.assert_array_equal(slabs2["train"]["image"], slabs["train"]["image"])
+    assert not np.array_equal(slabs2["test"]["image"], slabs["test"]["image"])
+    with pytest.raises(ValueError, match="overlap at slices \\[5, 6\\]"):
+        ra.split_mr(image, label, {"train": (5, 15), "val": (0, 7)})
+    with pytest.raises(ValueError, match="'test' = \\[15, 25\\) is not inside the 20 slices"):
+        ra.split_mr(image, label, {"train": (5, 15), "test": (15, 25)})
+
+
+def test_shared_classes_follow_the_thesis_mr_group_and_both_label_maps():
+    ra = _benchmark()
+    ct_ids = {1: "spleen", 2: "liver", 3: "lung_upper_lobe_left", 4: "aorta"}
+    mr_ids = {1: "aorta", 2: "liver", 3: "lung_left", 4: "heart"}
+    ct = np.array([0, 1, 2, 3, 4])
+    mr = np.array([0, 1, 2, 3])  # no heart voxel: absent
+    assert ra.shared_classes(ct, ct_ids, mr, mr_ids) == ["liver", "aorta"]  # Table 4.5 order, not the maps'
+
+
+@pytest.mark.slow
+def test_quick_run_writes_a_consistent_table_json_and_png(tmp_path):
+    """About 25 s serial: tiny network, 2 steps, 2 learning rates per method, in one process."""
+    run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--workers", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads((tmp_path / "real_adaptation.json").read_text())
+    settings, grid, data = res["settings"], res["grid"], res["data"]
+    assert settings["methods"] == ["full", "head", "convadapter", "lora", "ssf"]
+    assert sorted((g["method"], g["lr"]) for g in grid) == sorted(
+        (m, lr) for m in settings["methods"] for lr in settings["lr_grids"][m])
+    assert all(len(settings["lr_grids"][m]) == 2 for m in settings["methods"])
+
+    # each slab's mean Dice is the mean of its scored classes' Dice (absent prediction = 0)
+    for g in grid:
+        for slab in ("val", "test"):
+            per_class = g[f"{slab}_per_class"]
+            assert set(per_class) == set(data["classes"])
+            values = [per_class[c] or 0.0 for c in data["scored"][slab]]
+            assert g[f"{slab}_dice"] == pytest.approx(float(np.mean(values)))
+    # scored classes have the minimum volume in the slab and in the training slab
+    min_voxels = int(np.ceil(settings["min_ml"] * 1000 / np.prod(settings["pixdim"])))
+    for slab, names in data["scored"].items():
+        assert names
+        assert all(data["voxels"][slab][c] >= min_voxels and data["voxels"]["train"][c] >= min_voxels for c in names)
+
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == ["pretrained"] + settings["methods"]
+    for method in settings["methods"]:
+        row, points = rows[method], [g for g in grid if g["method"] == method]
+        best = max(g["val_dice"] for g in points)
+        assert row["val_dice"] == best
+        assert row["lr"] == min(g["lr"] for g in points if g["val_dice"] == best)
+        assert row["test_dice"] == next(g["test_dice"] for g in points if g["lr"] == row["lr"])
+        assert row["trainable_percent"] == pytest.approx(100.0 * row["trainable"] / row["total"])
+    assert rows["full"]["trainable"] == rows["full"]["total"]
+    # head only: the 1x1x1 output conv, weights + bias
+    assert rows["head"]["trainable"] == (settings["filters"][0] + 1) * (len(data["classes"]) + 1)
+    assert 0 < rows["ssf"]["trainable"] < rows["convadapter"]["trainable"] < rows["full"]["trainable"]
+
+    # the printed table is the JSON's
+    for method in settings["methods"]:
+        line = next(ln for ln in run.stdout.splitlines() if ln.startswith(method + " "))
+        assert f"{rows[method]['trainable']:,}" in line and f"{rows[method]['test_dice']:.3f}" in line
+    import matplotlib.image
+
+    png = matplotlib.image.imread(str(tmp_path / "real_adaptation.png"))
+    assert png.ndim == 3 and png.shape[0] > 300 and png.shape[1] > 800 and png.std() > 0.01
+
+
+def test_default_learning_rates_cover_every_method_and_reject_unknown_ones():
+    from monai_peft import METHODS
+    from monai_peft.defaults import DEFAULT_LEARNING_RATES, default_learning_rate
+
+    assert set(DEFAULT_LEARNING_RATES) == set(METHODS)
+    assert default_learning_rate("lora") == DEFAULT_LEARNING_RATES["lora"]
+    # adapters need larger steps than the weights full fine-tuning moves
+    for method in ("convadapter", "lora", "ssf", "head"):
+        assert default_learning_rate(method) > default_learning_rate("full")
+    with pytest.raises(ValueError, match="unknown method 'adapter'.*convadapter"):
+        default_learning_rate("adapter")
+
+
+def test_default_learning_rates_are_the_committed_benchmark_winners():
+    from monai_peft.defaults import DEFAULT_LEARNING_RATES
+
+    res = json.loads(COMMITTED.read_text())
+    assert not res["settings"]["quick"]
+    winners = {r["method"]: r["lr"] for r in res["rows"] if r["lr"] is not None}
+    assert set(winners) == {"full", "head", "convadapter", "lora", "ssf"}
+    for method, lr in winners.items():
+        assert DEFAULT_LEARNING_RATES[method] == lr, f"{method}: re-run the benchmark or update monai_peft/defaults.py"
