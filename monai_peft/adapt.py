@@ -1,8 +1,9 @@
 """One entry point for every fine-tuning method of the thesis: :func:`adapt`.
 
-PEFT methods (ConvAdapter, LoRA, SSF, BitFit) and the selective baselines (full, decoder-only, head-only/linear
-probing, norm-layer tuning) all come back as a ``peft.PeftModel``, so saving, loading, named adapters, disabling and
-(where the maths allows) merging work the same way for all of them. The selective baselines use peft's own
+PEFT methods (ConvAdapter, LoRA, SSF, BitFit; for transformers visual prompts and bottleneck adapters) and the
+selective baselines (full, decoder-only, head-only/linear probing, norm-layer tuning) all come back as a
+``peft.PeftModel``, so saving, loading, named adapters, disabling and (where the maths allows) merging work the same
+way for all of them. The selective baselines use peft's own
 ``LNTuningConfig``, which keeps a trainable copy of each selected module per adapter name: the adapter file of
 "decoder-only" holds the decoder, and one frozen backbone serves many of them.
 """
@@ -20,16 +21,19 @@ from torch import nn
 from monai_peft.lora import init_lora_pca_, lora_config
 from monai_peft.regions import _unwrap, regions_of
 from monai_peft.targeting import (
-    CONV_TYPES, NORM_TYPES, SPATIAL_CONV, ModuleType, Selector, SelectorLike, as_selector, exact_names_regex,
-    resolve_targets,
+    SPATIAL_CONV, ModuleType, Selector, SelectorLike, as_selector, exact_names_regex, resolve_targets,
 )
+from monai_peft.tuners.bottleneck import BottleneckAdapterConfig, default_bottleneck_targets
 from monai_peft.tuners.conv_adapter import ConvAdapterConfig
+from monai_peft.tuners.frozen_norm import keep_frozen_batchnorm_statistics
+from monai_peft.tuners.module_types import CONV_TYPES, NORM_TYPES
 from monai_peft.tuners.ssf import SSFConfig
 from monai_peft.tuners.ssf.layer import SUPPORTED_TYPES as SSF_TYPES
+from monai_peft.tuners.vpt import VPTConfig, default_vpt_targets
 
 __all__ = ["METHODS", "adapt", "default_targets", "RESIDUAL_BLOCK_TYPES", "register_residual_block"]
 
-METHODS = ("convadapter", "lora", "ssf", "bitfit", "norm", "full", "decoder", "head")
+METHODS = ("convadapter", "lora", "ssf", "bitfit", "norm", "full", "decoder", "head", "vpt", "bottleneck")
 
 # Blocks that the residual-parallel ConvAdapter scheme wraps by default (thesis Table 5.3 "ResBlock parallel").
 RESIDUAL_BLOCK_TYPES: list[type[nn.Module]] = [ResBlock, ResidualUnit]
@@ -69,16 +73,19 @@ def _backbone(model: nn.Module) -> Selector:
     return _AnyOf(tuple(r for r in ("encoder", "decoder") if r in declared))
 
 
-def default_targets(model: nn.Module, method: str) -> Selector:
-    """The selector :func:`adapt` uses when ``target`` is not given.
+def default_targets(model: nn.Module, method: str, insertion: str = "sequential") -> Selector:
+    """The selector :func:`adapt` uses when ``target`` is not given (``insertion``: bottleneck adapters only).
 
     - ``convadapter``: residual blocks (:data:`RESIDUAL_BLOCK_TYPES`) in encoder + decoder (thesis Table 5.3,
-      best SegResNet placement); spatial (k > 1) convs there if the network has no such blocks (thesis Table 5.4,
-      UNet "LUConvs parallel"); modules whose channels ``gamma`` does not divide (a 1-channel input conv) are skipped;
-    - ``lora``: spatial convs in encoder + decoder (1x1 convs excluded, see :mod:`monai_peft.lora`);
+      best SegResNet placement); spatial (k > 1) convs there, the 1-channel input conv included, if the network has
+      no such blocks (thesis Table 5.4, UNet "LUConvs parallel");
+    - ``lora``: convs (1x1 included) in encoder + decoder; peft 0.21's merge into 1x1x1 convs is patched by
+      :mod:`monai_peft._peft_compat`;
     - ``ssf``: convs, norms and linear layers in encoder + decoder;
     - ``bitfit``: every conv/norm/linear layer that has a bias, anywhere;
-    - ``norm``: every norm layer; ``head``: the head region; ``decoder``: decoder + head; ``full``: everything.
+    - ``norm``: every norm layer; ``head``: the head region; ``decoder``: decoder + head; ``full``: everything;
+    - ``vpt``: every transformer block of a known family (Segformer: each block's attention), anywhere;
+    - ``bottleneck``: the attention and MLP branches of those blocks (for ``insertion``), anywhere.
 
     "Encoder + decoder" is the whole network when the architecture declares no regions.
     """
@@ -91,7 +98,7 @@ def default_targets(model: nn.Module, method: str) -> Selector:
         except ValueError:
             return _backbone(model) & SPATIAL_CONV
     if method == "lora":
-        return _backbone(model) & SPATIAL_CONV
+        return _backbone(model) & ModuleType(*CONV_TYPES)
     if method == "ssf":
         return _backbone(model) & ModuleType(*CONV_TYPES, *NORM_TYPES, nn.Linear)
     if method == "bitfit":
@@ -104,6 +111,10 @@ def default_targets(model: nn.Module, method: str) -> Selector:
         return as_selector("decoder") | as_selector("head")
     if method == "full":
         return _TopLevelWithParams()
+    if method == "vpt":  # monai_peft.tuners.transformer_blocks: the block families; a CNN is a ValueError here
+        return as_selector(default_vpt_targets(model))
+    if method == "bottleneck":
+        return as_selector(default_bottleneck_targets(model, insertion))
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
 
 
@@ -129,24 +140,6 @@ def _expand_containers(model: nn.Module, names: list[str]) -> list[str]:
     return out
 
 
-def _divisible_by_gamma(model: nn.Module, names: list[str], kwargs: dict) -> list[str]:
-    """Default ConvAdapter targets whose channels the compression factor divides (e.g. not a 1-channel input conv)."""
-    from monai_peft.tuners.conv_adapter.layer import block_geometry, conv_geometry
-
-    gamma = int(kwargs.get("gamma", ConvAdapterConfig.gamma))
-    parallel = kwargs.get("insertion", ConvAdapterConfig.insertion) == "parallel"
-    modules = dict(model.named_modules())
-    kept = []
-    for name in names:
-        m = modules[name]
-        g = conv_geometry(m) if isinstance(m, CONV_TYPES) else block_geometry(m)
-        if (g.in_channels if parallel else g.out_channels) % gamma == 0:
-            kept.append(name)
-    if not kept:
-        raise ValueError(f"no default ConvAdapter target of {type(model).__name__} has channels divisible by gamma={gamma}.")
-    return kept
-
-
 def adapt(
     model: nn.Module,
     method: str,
@@ -161,7 +154,8 @@ def adapt(
 
     Args:
         model: a network (``nn.Module``) or a ``PeftModel`` to which a further named adapter is added.
-        method: one of ``convadapter``, ``lora``, ``ssf``, ``bitfit``, ``norm``, ``full``, ``decoder``, ``head``.
+        method: one of ``convadapter``, ``lora``, ``ssf``, ``bitfit``, ``norm``, ``full``, ``decoder``, ``head``,
+            ``vpt`` (visual prompts), ``bottleneck`` (bottleneck adapters).
         target: what to adapt: a :class:`~monai_peft.Selector`, region name, regex or list of module names;
             ``None`` uses :func:`default_targets`.
         train_fully: modules that train fully besides the adapters, e.g. ``"head"`` when the head was rebuilt for a
@@ -171,21 +165,31 @@ def adapt(
         adapter_name: the peft adapter name.
         low_cpu_mem_usage: create adapter weights on the meta device (for loading saved adapters fast).
         method_kwargs: method options: ConvAdapter ``gamma``, ``insertion``, ``adapter_conv``, ``kernel_size``,
-            ``activation``; LoRA ``r`` (int or ``"dynamic"``), ``lora_alpha``, ``lora_dropout``, ``init_pca``;
-            SSF ``scale``, ``shift``.
+            ``activation``; LoRA ``r`` (int or ``"dynamic"``), ``lora_alpha``, ``lora_dropout``, ``init_pca``, ``fused``
+            (``True``: each conv trains as one conv with the merged kernel; needs ``lora_dropout=0``);
+            SSF ``scale``, ``shift``; VPT ``variant`` (``"deep"`` default, ``"shallow"``), ``num_tokens``,
+            ``prompt_dropout``; bottleneck ``insertion`` (``"sequential"`` = Houlsby, default; ``"parallel"``),
+            ``bottleneck_size``, ``activation``, ``scale`` (any other ``VPTConfig`` / ``BottleneckAdapterConfig`` field
+            too).
 
     Returns:
         a ``peft.PeftModel`` (``print_trainable_parameters()``, ``save_pretrained()``, ``merge_and_unload()`` for
         LoRA/SSF/BitFit, ...).
 
+    Frozen batch norms normalise with their running statistics also while training and do not update them
+    (:mod:`monai_peft.tuners.frozen_norm`), so base checkpoint + adapter file give back exactly the trained network.
+
     Raises:
         ValueError: unknown method, a target or ``train_fully`` that matches nothing, or bad method options (the
             message names the module or argument).
+        TypeError: a target that cannot take the method (e.g. a module without convs for ConvAdapter); no module
+            is wrapped then.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
     base = _unwrap(model)
-    selector = default_targets(base, method) if target is None else as_selector(target)
+    insertion = method_kwargs.get("insertion", "sequential")
+    selector = default_targets(base, method, insertion) if target is None else as_selector(target)
     whole_modules = method in ("norm", "full", "decoder", "head")
     targets = resolve_targets(base, selector, outermost=whole_modules)
     if whole_modules:
@@ -210,8 +214,6 @@ def adapt(
             to_save = None
 
     init_pca = bool(method_kwargs.pop("init_pca", False))
-    if method == "convadapter" and target is None:
-        targets = _divisible_by_gamma(base, targets, method_kwargs)
     if method == "convadapter":
         config = ConvAdapterConfig(target_modules=exact_names_regex(targets), modules_to_save=to_save, **method_kwargs)
     elif method == "lora":
@@ -222,6 +224,9 @@ def adapt(
         if method == "bitfit":
             method_kwargs = {"scale": False, "shift": True, **method_kwargs}
         config = SSFConfig(target_modules=exact_names_regex(targets), modules_to_save=to_save, **method_kwargs)
+    elif method in ("vpt", "bottleneck"):
+        config_cls = VPTConfig if method == "vpt" else BottleneckAdapterConfig
+        config = config_cls(target_modules=exact_names_regex(targets), modules_to_save=to_save, **method_kwargs)
     else:
         if method_kwargs:
             raise ValueError(f"method {method!r} takes no options, got {sorted(method_kwargs)}.")
@@ -240,4 +245,5 @@ def adapt(
             peft_model = get_peft_model(model, config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     if init_pca:
         init_lora_pca_(peft_model, adapter_name)
+    keep_frozen_batchnorm_statistics(peft_model)  # see monai_peft.tuners.frozen_norm: the adapter file is complete
     return peft_model

@@ -7,12 +7,12 @@ name into a ready ``PeftModel``; ``monai-peft presets`` prints the grid with our
 Choices made where the thesis is silent (see docs/suprem_and_data.md for the numbers):
 
 - every PEFT preset trains the rebuilt output head fully (it is new for the target classes);
-- ConvAdapter uses a dense down-projection (``adapter_conv="full"``): the paper's depth-wise one gives 10-20x
-  fewer parameters than the thesis reports. ``gamma=4`` in SegResNet (0.57M vs 0.7M) and ``gamma=16`` in the
-  UNet (1.8M vs 1.6M) are the compressions closest to the thesis's figures;
-- a conv with one input channel (SegResNet ``convInit``, UNet ``down_tr64.ops.0.conv1``) cannot hold a
-  compressing adapter (``gamma`` must divide its single input channel); where the thesis adapts it, that conv
-  trains fully instead (448 / 896 weights);
+- ConvAdapter is the paper's adapter as thesis 3.2.2 describes it (depth-wise ``k x k`` down-projection, point-wise
+  up-projection; :class:`~monai_peft.ConvAdapterConfig`) with ``gamma=4``, the thesis being silent on ``gamma``. It
+  has 7-15x fewer parameters than the thesis reports; the thesis's figures fit a dense down-projection instead
+  (``build_preset(name, ..., adapter_conv="dense")``; docs/suprem_and_data.md compares both);
+- the 1-channel input convs (SegResNet ``convInit``, UNet ``down_tr64.ops.0.conv1``) hold a real adapter where
+  the thesis places one (bottleneck width 1);
 - SSF goes after the convolutions (thesis 5.1.3 "in sequence with the convolutional operations").
 """
 
@@ -50,9 +50,7 @@ def _t_resblock_conv2() -> Selector:
 
 
 def _t_luconvs(region: str | None) -> Selector:
-    # the 1-channel first conv cannot hold a compressing adapter (see module docstring)
-    luconvs = ModuleType(nn.Conv3d) & NameRegex(r"(down|up)_tr\d+\.ops\.\d\.conv1")
-    return luconvs & _scope(region) & ~NameRegex(r"down_tr64\.ops\.0\.conv1")
+    return ModuleType(nn.Conv3d) & NameRegex(r"(down|up)_tr\d+\.ops\.\d\.conv1") & _scope(region)
 
 
 def _t_spatial(region: str | None) -> Selector:
@@ -68,8 +66,12 @@ TARGETS: dict[str, tuple[str, Callable[[], Selector]]] = {
     "resblocks": ("every ResBlock in encoder + decoder", lambda: _t_resblocks(None)),
     "resblocks-encoder": ("every ResBlock in the encoder", lambda: _t_resblocks("encoder")),
     "resblock-conv2": ("the second conv of every ResBlock, encoder + decoder", _t_resblock_conv2),
-    "luconvs": ("both LUConv convs of every down and up transition (not the 1-channel input conv)", lambda: _t_luconvs(None)),
-    "luconvs-encoder": ("both LUConv convs of every down transition (not the 1-channel input conv)", lambda: _t_luconvs("encoder")),
+    "convinit+resblocks": ("SegResNet's first conv and every ResBlock in encoder + decoder",
+                           lambda: NameRegex(r"convInit\.conv") | _t_resblocks(None)),
+    "luconvs": ("both LUConv convs of every down and up transition (the 1-channel input conv included)",
+                lambda: _t_luconvs(None)),
+    "luconvs-encoder": ("both LUConv convs of every down transition (the 1-channel input conv included)",
+                        lambda: _t_luconvs("encoder")),
     "spatial-convs": ("every k>1 conv in encoder + decoder", lambda: _t_spatial(None)),
     "spatial-convs-encoder": ("every k>1 conv in the encoder", lambda: _t_spatial("encoder")),
     "spatial-convs-decoder": ("every k>1 conv in the decoder", lambda: _t_spatial("decoder")),
@@ -129,9 +131,12 @@ class Preset:
         }  # fmt: skip
 
 
-_CA_SEG = {"gamma": 4, "adapter_conv": "full", "insertion": "parallel"}
-_CA_UNET = {"gamma": 16, "adapter_conv": "full", "insertion": "parallel"}
-_ONE_CHANNEL = "the 1-channel input conv trains fully instead of holding an adapter"
+# the paper's adapter (depth-wise down-projection); thesis 3.2.2 gives no gamma: the ConvAdapterConfig default
+_CA = {"gamma": 4, "adapter_conv": "depthwise", "insertion": "parallel"}
+_CA_NOTE = ("paper's depth-wise adapter: fewer parameters than the thesis reports, whose figure fits a dense "
+            "down-projection (adapter_conv='dense'); see docs/suprem_and_data.md")
+_CONVINIT_NOTE = ("the adapter on the 1-channel convInit has 76 parameters; the thesis's +0.05M over 'ResBlock "
+                  "parallel' cannot come from an adapter on a 1-channel conv")
 
 _GRID: list[Preset] = [
     # --- SegResNet (4.70M), thesis Tables 5.2 and 5.3 ---
@@ -145,17 +150,18 @@ _GRID: list[Preset] = [
            ("decoder", "head"), "5.2", "LoRA encoder (+ full decoder), r=32, KU", 1.6, 34.0),
     Preset("segresnet-lora-encoder+full-decoder-rdynamic", "segresnet", "lora", {"r": "dynamic"}, "spatial-convs-encoder",
            ("decoder", "head"), "5.2", "LoRA encoder (+ full decoder), r=out/2, KU", 2.4, 51.1),
-    Preset("segresnet-convadapter-convinit+resblock-parallel", "segresnet", "convadapter", _CA_SEG, "resblocks",
-           ("convinit", "head"), "5.3", "ConvAdapter encoder + decoder, ConvInit + ResBlock parallel", 0.75, 15.9,
-           _ONE_CHANNEL),
-    Preset("segresnet-convadapter-resblock-parallel", "segresnet", "convadapter", _CA_SEG, "resblocks", ("head",),
-           "5.3", "ConvAdapter encoder + decoder, ResBlock parallel (best SegResNet placement)", 0.7, 14.9),
-    Preset("segresnet-convadapter-resblock-conv2", "segresnet", "convadapter", _CA_SEG, "resblock-conv2", ("head",),
-           "5.3", "ConvAdapter encoder + decoder, parallel to each ResBlock's conv2", 0.7, 14.9),
-    Preset("segresnet-convadapter-encoder+full-decoder", "segresnet", "convadapter", _CA_SEG, "resblocks-encoder",
-           ("decoder", "head"), "5.3", "ConvAdapter encoder (+ full decoder), ResBlock parallel", 0.9, 19.2),
-    Preset("segresnet-convadapter-encoder-only", "segresnet", "convadapter", _CA_SEG, "resblocks-encoder", ("head",),
-           "5.3", "ConvAdapter encoder (no full decoder), ResBlock parallel", 0.65, 13.8),
+    Preset("segresnet-convadapter-convinit+resblock-parallel", "segresnet", "convadapter", _CA,
+           "convinit+resblocks", ("head",), "5.3", "ConvAdapter encoder + decoder, ConvInit + ResBlock parallel",
+           0.75, 15.9, _CONVINIT_NOTE),
+    Preset("segresnet-convadapter-resblock-parallel", "segresnet", "convadapter", _CA, "resblocks", ("head",),
+           "5.3", "ConvAdapter encoder + decoder, ResBlock parallel (best SegResNet placement)", 0.7, 14.9, _CA_NOTE),
+    Preset("segresnet-convadapter-resblock-conv2", "segresnet", "convadapter", _CA, "resblock-conv2", ("head",),
+           "5.3", "ConvAdapter encoder + decoder, parallel to each ResBlock's conv2", 0.7, 14.9, _CA_NOTE),
+    Preset("segresnet-convadapter-encoder+full-decoder", "segresnet", "convadapter", _CA, "resblocks-encoder",
+           ("decoder", "head"), "5.3", "ConvAdapter encoder (+ full decoder), ResBlock parallel", 0.9, 19.2,
+           _CA_NOTE),
+    Preset("segresnet-convadapter-encoder-only", "segresnet", "convadapter", _CA, "resblocks-encoder", ("head",),
+           "5.3", "ConvAdapter encoder (no full decoder), ResBlock parallel", 0.65, 13.8, _CA_NOTE),
     Preset("segresnet-ssf-encdec", "segresnet", "ssf", {}, "convs", ("head",), "A",
            "SSF after every conv, encoder + decoder"),
     Preset("segresnet-ssf-encoder+full-decoder", "segresnet", "ssf", {}, "convs-encoder", ("decoder", "head"), "A",
@@ -179,12 +185,10 @@ _GRID: list[Preset] = [
            ("decoder", "head"), "5.1", "LoRA encoder (+ full decoder), r=16, KU", 12.8, 67.0),
     Preset("unet3d-lora-decoder+full-encoder-r16", "unet", "lora", {"r": 16}, "spatial-convs-decoder",
            ("encoder", "head"), "5.1", "LoRA decoder (+ full encoder), r=16, KU", 7.7, 40.5),
-    Preset("unet3d-convadapter-luconv-parallel", "unet", "convadapter", _CA_UNET, "luconvs",
-           ("unet-input-conv", "head"), "5.4", "ConvAdapter encoder + decoder, parallel to both LUConv convs", 1.6, 8.4,
-           _ONE_CHANNEL),
-    Preset("unet3d-convadapter-encoder+full-decoder", "unet", "convadapter", _CA_UNET, "luconvs-encoder",
-           ("unet-input-conv", "decoder", "head"), "5.4", "ConvAdapter encoder (+ full decoder), LUConv parallel",
-           12.5, 65.8, _ONE_CHANNEL),
+    Preset("unet3d-convadapter-luconv-parallel", "unet", "convadapter", _CA, "luconvs", ("head",), "5.4",
+           "ConvAdapter encoder + decoder, parallel to both LUConv convs", 1.6, 8.4, _CA_NOTE),
+    Preset("unet3d-convadapter-encoder+full-decoder", "unet", "convadapter", _CA, "luconvs-encoder",
+           ("decoder", "head"), "5.4", "ConvAdapter encoder (+ full decoder), LUConv parallel", 12.5, 65.8, _CA_NOTE),
     Preset("unet3d-ssf-encdec", "unet", "ssf", {}, "convs", ("head",), "A", "SSF after every conv, encoder + decoder"),
     Preset("unet3d-ssf-encoder+full-decoder", "unet", "ssf", {}, "convs-encoder", ("decoder", "head"), "A",
            "SSF after every encoder conv (+ full decoder)"),

@@ -97,13 +97,8 @@ def _register_builtin() -> None:
         BasicUNet,
         {"encoder": [r"conv_0", r"down_\d+"], "decoder": [r"upcat_\d+"], "head": [r"final_conv"]},
     )
-    # nnU-Net's PlainConvUNet / ResidualEncoderUNet: declared by the plugin shipped in this distribution, so that
-    # adapt() works on them directly too, not only inside the plugin's trainers.
-    try:
-        from nnunet_plugin.network import register_nnunet_regions
-    except ImportError:  # dynamic_network_architectures not installed
-        return
-    register_nnunet_regions()
+    # Other packages declare the regions of their own architectures when they are imported: SuPreM's UNet3D
+    # (monai_peft.networks) and nnU-Net's U-Nets (nnunet_plugin.network).
 
 
 _register_builtin()

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from monai_peft.tuners.module_types import ANY_CONV_TYPES, CONV_TYPES, NORM_TYPES
 from nnunet_plugin.settings import PEFTSettings
 
 __all__ = [
@@ -60,10 +61,18 @@ def _residual_blocks() -> tuple[type[nn.Module], ...]:
 
 
 def register_nnunet_regions() -> None:
-    """Declare encoder / decoder / head of nnU-Net's U-Nets with :func:`monai_peft.register_regions` (idempotent)."""
+    """Declare encoder / decoder / head of nnU-Net's U-Nets with :func:`monai_peft.register_regions` (idempotent).
+
+    Runs when this module is imported (the trainers import it), so ``monai_peft.adapt(net, method, target="encoder")``
+    works on nnU-Net networks once ``nnunet_plugin.network`` is imported; the core ``monai_peft`` knows no nnU-Net.
+    """
     from monai_peft.regions import register_regions
 
-    for cls in _architectures():
+    try:
+        architectures = _architectures()
+    except ImportError:  # dynamic_network_architectures not installed: nothing to declare
+        return
+    for cls in architectures:
         register_regions(cls, NNUNET_REGIONS)
 
 
@@ -108,9 +117,10 @@ def _in_target(name: str, regions: Iterable[str]) -> bool:
 def adapter_targets(network: nn.Module, method: str, settings: PEFTSettings) -> list[str]:
     """Module names the method adapts in ``settings.target`` regions.
 
-    - ``convadapter`` ``conv-*``: every spatial (kernel > 1) conv; ``residual-*``: every conv block
+    - ``convadapter`` ``conv-*``: every spatial (kernel > 1) conv and transposed conv, the stem included (any
+      channel count takes an adapter, see ``monai_peft.ConvAdapterConfig``); ``residual-*``: every conv block
       (``StackedConvBlocks`` of plain stages and the decoder, ``BasicBlockD`` / ``BottleneckD`` of residual stages).
-    - ``lora``: every spatial conv (peft cannot merge LoRA into 1x1 convs, see ``monai_peft.lora``).
+    - ``lora``: every conv, 1x1 included (peft has no LoRA for transposed convs).
     - ``ssf``: every conv and norm layer (scale/shift after each, thesis 3.2.3).
 
     Args:
@@ -124,9 +134,6 @@ def adapter_targets(network: nn.Module, method: str, settings: PEFTSettings) -> 
     from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
     from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 
-    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
-             nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm)
     names: list[str] = []
     for name, module in network.named_modules():  # duplicates (all_modules.*, decoder.encoder.*) come once
         if not _in_target(name, settings.target):
@@ -138,45 +145,23 @@ def adapter_targets(network: nn.Module, method: str, settings: PEFTSettings) -> 
                 # plain stages and the decoder are StackedConvBlocks; residual stages hold BasicBlockDs instead
                 if not any(isinstance(m, (BasicBlockD, BottleneckD)) for m in module.modules()):
                     names.append(name)
-        elif method in ("convadapter", "lora"):
-            if isinstance(module, convs) and any(k > 1 for k in module.kernel_size):
+        elif method == "convadapter":
+            if isinstance(module, ANY_CONV_TYPES) and any(k > 1 for k in module.kernel_size):
+                names.append(name)
+        elif method == "lora":
+            if isinstance(module, CONV_TYPES):  # peft's LoRA has no ConvTranspose
                 names.append(name)
         elif method == "ssf":
-            if isinstance(module, convs + norms) and (not isinstance(module, norms) or _has_affine(module)):
+            if isinstance(module, CONV_TYPES) or isinstance(module, NORM_TYPES) and _has_affine(module):
                 names.append(name)
         else:
             raise ValueError(f"adapter_targets: method must be convadapter, lora or ssf, got {method!r}.")
-    if method == "convadapter":
-        names = _divisible_by_gamma(network, names, settings)
     if not names:
         raise ValueError(
             f"no {method} targets in regions {list(settings.target)} of {type(network).__name__} "
             f"(placement {settings.placement!r})."
         )
     return names
-
-
-def _first_conv(module: nn.Module) -> nn.Module:
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return module
-    return next(m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)))
-
-
-def _divisible_by_gamma(network: nn.Module, names: list[str], settings: PEFTSettings) -> list[str]:
-    """Drop targets whose adapted channels ``gamma`` does not divide (the stem conv sees 1-4 image channels)."""
-    modules = dict(network.named_modules())
-    parallel = settings.placement.endswith("parallel")
-    kept, dropped = [], []
-    for name in names:
-        module = modules[name]
-        if parallel:
-            channels = _first_conv(module).in_channels
-        else:
-            channels = [m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))][-1].out_channels
-        (kept if channels % settings.gamma == 0 else dropped).append(name)
-    if dropped:
-        logger.info("ConvAdapter gamma=%d does not divide the channels of %s: left without adapter", settings.gamma, dropped)
-    return kept
 
 
 def _has_affine(norm: nn.Module) -> bool:
@@ -251,7 +236,6 @@ def build_peft_network(network: nn.Module, method: str, settings: PEFTSettings) 
     import monai_peft  # noqa: F401  (registers ConvAdapter / SSF with peft)
     from monai_peft.adapt import adapt
 
-    register_nnunet_regions()
     seg_layers = seg_layer_names(network)
     kwargs: dict[str, Any] = {}
     target: Any = None
@@ -285,15 +269,19 @@ def build_peft_network(network: nn.Module, method: str, settings: PEFTSettings) 
 def build_suprem_peft_network(network: nn.Module, method: str, settings: PEFTSettings, backbone: str) -> nn.Module:
     """Adapt a SuPreM backbone (``monai_peft.networks.suprem_backbone``) for use inside nnU-Net.
 
-    The regions (encoder / decoder / head) are the core library's; the head (``conv_final``) is rebuilt for the
-    new label count and trains fully. ConvAdapter ``residual-*`` wraps the ResBlocks (thesis Table 5.3, best
-    SegResNet placement), ``conv-*`` every spatial conv; LoRA targets spatial convs; SSF the core defaults.
+    The regions (encoder / decoder / head) are the core library's; the head (SegResNet ``conv_final``, UNet3D
+    ``out_tr``) is rebuilt for the new label count and trains fully. ConvAdapter ``residual-*`` wraps the
+    ResBlocks (thesis Table 5.3, best SegResNet placement), ``conv-*`` every spatial conv (UNet3D: both LUConv
+    convs of every transition, Table 5.4); LoRA targets spatial convs; SSF every conv and norm. UNet3D's frozen
+    batch norms keep batch statistics without updating their buffers (``adapt()`` applies
+    :func:`monai_peft.tuners.frozen_norm.keep_frozen_batchnorm_statistics` to every frozen batch norm).
 
     Args:
         network: the backbone, ``(B, 1, H, W, D)`` -> ``(B, K, H, W, D)``.
         method: one of :data:`SUPREM_METHODS`.
         settings: rank / gamma / placement / target regions.
-        backbone: ``"segresnet"`` (recorded so ``-pretrained_weights`` reads SuPreM's checkpoint layout).
+        backbone: ``"segresnet"`` or ``"unet"`` (recorded so ``-pretrained_weights`` reads SuPreM's checkpoint
+            layout).
     """
     if method not in SUPREM_METHODS:
         raise ValueError(f"SuPreM trainers support methods {SUPREM_METHODS}, got {method!r}.")
@@ -310,10 +298,10 @@ def build_suprem_peft_network(network: nn.Module, method: str, settings: PEFTSet
         target: Any = None
         if method == "convadapter":
             blocks = ModuleType(*RESIDUAL_BLOCK_TYPES) if settings.placement.startswith("residual") else SPATIAL_CONV
-            target = _divisible_by_gamma(network, resolve_targets(network, regions & blocks, outermost=True), settings)
+            target = resolve_targets(network, regions & blocks, outermost=True)
             kwargs = {"gamma": settings.gamma, "insertion": settings.placement.split("-")[1]}
         elif method == "lora":
-            target, kwargs = regions & SPATIAL_CONV, {"r": settings.rank}
+            target, kwargs = regions & ModuleType(nn.Conv1d, nn.Conv2d, nn.Conv3d), {"r": settings.rank}
         elif method == "ssf":
             target = resolve_targets(network, regions & ModuleType(nn.Conv3d, nn.GroupNorm, nn.InstanceNorm3d,
                                                                    nn.BatchNorm3d))
@@ -321,3 +309,6 @@ def build_suprem_peft_network(network: nn.Module, method: str, settings: PEFTSet
     setattr(network, PLAIN_KEYS_ATTR, plain_keys)
     setattr(network, SUPREM_ATTR, backbone)
     return network
+
+
+register_nnunet_regions()

@@ -105,3 +105,46 @@ def test_backbone_factory_names_and_errors():
         suprem_backbone("swinunetr", 2)
     with pytest.raises(ValueError, match="out_channels"):
         suprem_segresnet(0)
+
+
+def test_frozen_batchnorm_base_checkpoint_plus_adapter_reproduces_the_trained_unet3d(tmp_path):
+    """Issue 10, part 7: with running-statistics BN, training adapters leaves the frozen BN statistics alone, so the
+    base checkpoint + the adapter file give back exactly the trained network (monai_peft.tuners.frozen_norm)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    import monai_peft
+    from monai_peft.tuners.frozen_norm import keep_frozen_batchnorm_statistics
+
+    torch.manual_seed(0)
+    model = suprem_unet(2, running_stats=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    x = 3 * torch.randn(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(1)) + 1  # not the init statistics
+    pm = monai_peft.adapt(model, "convadapter", train_fully="head")
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.05)
+    pm.train()
+    for _ in range(2):
+        opt.zero_grad()
+        pm(x).square().mean().backward()
+        opt.step()
+    assert pm.training and pm.base_model.model.down_tr64.ops[0].bn1.training  # flags as the user set them
+    now = pm.get_base_model().state_dict()
+    for key, value in stats.items():
+        assert torch.equal(now[key], value), f"frozen BN statistics {key} changed while training"
+    pm.eval()
+    with torch.no_grad():
+        trained = pm(x)
+    pm.save_pretrained(tmp_path / "adapter")
+    fresh = suprem_unet(2, running_stats=True)
+    fresh.load_state_dict(load_file(str(tmp_path / "base.safetensors")))
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), trained)
+    # without the behaviour PyTorch would have updated them (what made the adapter file incomplete)
+    keep_frozen_batchnorm_statistics(pm, enabled=False)
+    pm.train()
+    with torch.no_grad():
+        pm(x)
+    bn = pm.get_base_model().down_tr64.ops[0].bn1
+    assert not torch.equal(bn.running_mean, stats["down_tr64.ops.0.bn1.running_mean"])

@@ -9,41 +9,61 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 ACTIVATIONS = ("relu", "gelu", "silu", "leakyrelu", "prelu", "identity")
-ADAPTER_CONVS = ("depthwise", "full")
+ADAPTER_CONVS = ("depthwise", "dense")
 INSERTIONS = ("parallel", "sequential")
+# names accepted from configs saved by earlier versions
+_LEGACY_ADAPTER_CONVS = {"full": "dense"}
 
 
 @dataclass
 class ConvAdapterConfig(PeftConfig):
     """Configuration of a :class:`~monai_peft.tuners.conv_adapter.ConvAdapterModel`.
 
-    The adapter is a bottleneck: a ``k x k(x k)`` convolution reducing ``C_in`` channels to ``C_in / gamma``
-    (grouped with ``C_in / gamma`` groups, i.e. one filter per group of ``gamma`` channels, as in the paper, or a full
-    convolution), an activation, and a ``1 x 1(x 1)`` convolution restoring ``C_out`` channels. Its output is scaled per
-    channel by ``alpha`` (initialised to ones) and added to the adapted module's output (thesis eqs. 3.1-3.2). The
-    up-projection is zero-initialised, so the adapted network equals the base network at initialisation.
+    What is built for a module with ``C`` adapted channels (its input channels for ``"parallel"``, its output
+    channels for ``"sequential"``) and ``C_out`` output channels (Chen et al. 2022; thesis 3.2.2, eqs. 3.1-3.2):
+
+    1. down-projection: a ``k x k(x k)`` convolution ``C -> h`` with ``h = max(1, ceil(C / gamma))``. With
+       ``adapter_conv="depthwise"`` (the paper's) it has ``groups = gcd(C, h)``: when ``gamma`` divides ``C`` that is
+       ``h`` groups and each output channel sees ``gamma`` input channels (the paper's weight of shape
+       ``(C / gamma, gamma, k, k)``); for channel counts ``gamma`` does not divide (1, 5, 7, ... channels) the groups
+       shrink, down to a dense conv. ``adapter_conv="dense"`` is always one group (``C * h * k^d`` weights). A
+       parallel down-projection copies the adapted conv's kernel, stride, padding (also ``"same"``/``"valid"``),
+       dilation and padding mode, or is a ``ConvTranspose`` with the adapted transposed conv's kernel, stride,
+       padding, output padding and dilation, so its output has the module's shape by construction; a sequential
+       one uses stride 1 and ``"same"`` padding. Both have a bias.
+    2. the activation;
+    3. up-projection: a ``1 x 1(x 1)`` convolution ``h -> C_out`` with bias, **zero-initialised**, so the adapted
+       network equals the base network at initialisation;
+    4. a per-channel scale ``alpha`` of shape ``(C_out,)``, initialised to ones.
 
     Where it goes (the paper's four schemes) is set by *what* you target and by ``insertion``:
 
-    - a ``Conv{1,2,3}d`` target + ``"parallel"``: conv-parallel, ``h = conv(x) + alpha * A(x)``;
-    - a ``Conv{1,2,3}d`` target + ``"sequential"``: conv-sequential, ``h = conv(x); h = h + alpha * A(h)``;
-    - a residual block target (MONAI ``ResBlock``, ``ResidualUnit``, any block taking one tensor) + ``"parallel"``:
-      residual-parallel, ``h = block(x) + alpha * A(x)``; the adapter copies the block's stride and channel change;
-    - a residual block + ``"sequential"``: residual-sequential, ``h = block(x); h = h + alpha * A(h)``.
+    - a ``Conv{1,2,3}d`` or ``ConvTranspose{1,2,3}d`` target + ``"parallel"``: ``h = conv(x) + alpha * A(x)``;
+    - the same + ``"sequential"``: ``h = conv(x); h = h + alpha * A(h)``;
+    - a block target (MONAI ``ResBlock``, ``ResidualUnit``, any module taking one tensor and containing convs) +
+      ``"parallel"``: ``h = block(x) + alpha * A(x)``; the adapter follows the block's channel change and its
+      down- or up-sampling by an integer factor (measured on the ``meta`` device), with the kernel of the block's
+      first conv;
+    - a block + ``"sequential"``: ``h = block(x); h = h + alpha * A(h)``.
+
+    With several active adapters on one module every adapter reads the same tensor (the module's input, or for
+    sequential ones the module's output) and their contributions are summed, so the result does not depend on the
+    order in which they are activated.
 
     Args:
         target_modules (`Optional[Union[list[str], str]]`): module names (exact or suffix) or a regex to adapt,
             as in every peft config. :func:`monai_peft.resolve_targets` builds such lists from selectors.
         exclude_modules (`Optional[Union[list[str], str]]`): names or a regex to leave out.
-        gamma (`int`): channel compression factor; must divide the adapted module's input channels (parallel) or
-            output channels (sequential). Default 4.
+        gamma (`int`): channel compression factor, ``h = max(1, ceil(C / gamma))``. Default 4.
         insertion (`str`): ``"parallel"`` (default) or ``"sequential"``.
-        adapter_conv (`str`): ``"depthwise"`` (default; grouped, ``C/gamma`` groups) or ``"full"`` (dense k x k conv).
+        adapter_conv (`str`): ``"depthwise"`` (default, the paper's grouped down-projection) or ``"dense"`` (one
+            group). ``"full"``, the name used before, is read as ``"dense"``.
         kernel_size (`Optional[int]`): kernel of the down-projection; ``None`` (default) copies the adapted conv's
-            kernel (for a block: its first conv's kernel).
+            kernel (for a block: its first conv's kernel). An int uses that kernel with the padding that keeps the
+            module's output size; an error says when no padding does.
         activation (`str`): one of ``relu`` (default), ``gelu``, ``silu``, ``leakyrelu``, ``prelu``, ``identity``.
         init_weights (`bool`): zero-initialise the up-projection (default ``True``, identity at init); ``False`` gives
-            it random weights (for tests of the machinery only).
+            it PyTorch's default random weights and bias (for tests of the machinery only).
         modules_to_save (`Optional[list[str]]`): modules besides the adapters that train fully and are saved with the
             adapter (e.g. a new segmentation head, or the whole decoder: thesis Table 5.3 "encoder + full decoder").
     """
@@ -54,9 +74,11 @@ class ConvAdapterConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or a regex to exclude from adaptation."}
     )
-    gamma: int = field(default=4, metadata={"help": "Channel compression factor of the bottleneck."})
+    gamma: int = field(default=4, metadata={"help": "Channel compression factor: h = max(1, ceil(C / gamma))."})
     insertion: str = field(default="parallel", metadata={"help": "'parallel' or 'sequential'."})
-    adapter_conv: str = field(default="depthwise", metadata={"help": "'depthwise' (grouped, paper) or 'full'."})
+    adapter_conv: str = field(
+        default="depthwise", metadata={"help": "'depthwise' (grouped, gcd(C, h) groups; the paper's) or 'dense'."}
+    )
     kernel_size: Optional[int] = field(
         default=None, metadata={"help": "Down-projection kernel; None copies the adapted module's kernel."}
     )
@@ -75,6 +97,7 @@ class ConvAdapterConfig(PeftConfig):
         )
         if self.insertion not in INSERTIONS:
             raise ValueError(f"ConvAdapterConfig.insertion must be one of {INSERTIONS}, got {self.insertion!r}.")
+        self.adapter_conv = _LEGACY_ADAPTER_CONVS.get(self.adapter_conv, self.adapter_conv)
         if self.adapter_conv not in ADAPTER_CONVS:
             raise ValueError(f"ConvAdapterConfig.adapter_conv must be one of {ADAPTER_CONVS}, got {self.adapter_conv!r}.")
         if self.activation not in ACTIVATIONS:

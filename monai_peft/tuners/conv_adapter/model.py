@@ -5,20 +5,20 @@ from __future__ import annotations
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from monai_peft.targeting import CONV_TYPES
-from monai_peft.tuners._common import ReplaceModuleMixin, StrictLoadMixin
+from monai_peft.tuners._common import AtomicInjectMixin, ReplaceModuleMixin, StrictLoadMixin
+from monai_peft.tuners.frozen_norm import keep_frozen_batchnorm_statistics
 
 from .config import ConvAdapterConfig
-from .layer import ConvAdapterLayer, ConvAdapterModule
-
-_UNSUPPORTED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear, nn.Embedding)
+from .layer import MERGE_ERROR, ConvAdapterLayer, ConvAdapterModule
 
 
-class ConvAdapterModel(ReplaceModuleMixin, StrictLoadMixin, BaseTuner):
-    """Wraps the targeted convs / residual blocks of a CNN with ConvAdapters.
+class ConvAdapterModel(AtomicInjectMixin, ReplaceModuleMixin, StrictLoadMixin, BaseTuner):
+    """Wraps the targeted convs, transposed convs and blocks of a CNN with ConvAdapters.
 
     Use through peft: ``peft.get_peft_model(model, ConvAdapterConfig(target_modules=[...]))``.
-    Targets are ``Conv1d/2d/3d`` modules or blocks containing convolutions whose ``forward`` takes one tensor.
+    Targets are ``Conv{1,2,3}d`` / ``ConvTranspose{1,2,3}d`` modules or blocks containing convolutions whose
+    ``forward`` takes one tensor. If any target cannot take an adapter, the error names it and no module is wrapped.
+    Frozen batch norms keep their running statistics while the adapters train (:mod:`monai_peft.tuners.frozen_norm`).
     """
 
     prefix: str = "conv_adapter_"
@@ -34,19 +34,25 @@ class ConvAdapterModel(ReplaceModuleMixin, StrictLoadMixin, BaseTuner):
             )
         return peft_config
 
+    def _post_injection_hook(self, model: nn.Module, config: ConvAdapterConfig, adapter_name: str) -> None:
+        keep_frozen_batchnorm_statistics(model)
+
+    def _check_merge_allowed(self) -> None:
+        raise ValueError(MERGE_ERROR)
+
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        if isinstance(target, ConvAdapterLayer):
-            target.update_layer(adapter_name, peft_config, inference_mode=peft_config.inference_mode)
-            return
-        if isinstance(target, _UNSUPPORTED) or not any(isinstance(m, CONV_TYPES) for m in target.modules()):
-            raise TypeError(
-                f"ConvAdapter cannot adapt '{current_key}' ({type(target).__name__}): targets must be Conv1d/2d/3d "
-                "modules or blocks containing convolutions (transposed convs and linear layers are not supported)."
-            )
         try:
+            if isinstance(target, ConvAdapterLayer):
+                target.update_layer(adapter_name, peft_config, inference_mode=peft_config.inference_mode)
+                return
+            if isinstance(target, (nn.Linear, nn.Embedding)):
+                raise TypeError(
+                    f"{type(target).__name__} is not a convolution: ConvAdapter adapts Conv1d/2d/3d, "
+                    "ConvTranspose1d/2d/3d and blocks containing them"
+                )
             new_module = ConvAdapterModule(target, adapter_name, peft_config)
         except (TypeError, ValueError) as e:
-            raise type(e)(f"ConvAdapter on '{current_key}': {e}") from e
+            raise type(e)(f"ConvAdapter cannot adapt '{current_key}' ({type(target).__name__}): {e}") from e
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

@@ -18,14 +18,20 @@ class SSFConfig(PeftConfig):
     Because the map is linear, ``merge_and_unload()`` folds it into the preceding layer: ``W' = gamma * W``,
     ``b' = gamma * b + beta``. A conv or linear layer **without a bias gains a bias parameter** when merged (its
     state_dict then has an extra ``bias`` key); a norm layer without affine parameters gains ``weight`` and ``bias``.
-    A warning says so at run time.
+    A warning says so at run time. ``safe_merge=True`` computes the merged tensors apart from the layer and refuses
+    (``ValueError``, nothing changed) if any is not finite. Unmerging divides by ``gamma`` except where that cannot
+    restore the weights (a scale of 0, or merged weights that underflowed): the merge keeps those channels' weights
+    and the bias, and unmerging puts them back exactly.
+
+    Several active adapters on one layer combine as ``y = (prod gamma_a) * op(x) + sum beta_a`` (scales multiply,
+    shifts add), so the order of the adapters does not matter, for the forward pass and for merging.
 
     With ``scale=False`` only the shift trains: that is BitFit (bias tuning; lecture 003) expressed as an adapter, so
     it keeps peft's named adapters, disabling and merging.
 
     Args:
         target_modules (`Optional[Union[list[str], str]]`): module names (exact or suffix) or a regex, as in every
-            peft config. Supported: ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` (groups=1), ``Linear``,
+            peft config. Supported: ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` (any groups), ``Linear``,
             ``BatchNorm*``, ``InstanceNorm*``, ``GroupNorm``, ``LayerNorm`` (1-D ``normalized_shape``).
         exclude_modules (`Optional[Union[list[str], str]]`): names or a regex to leave out.
         scale (`bool`): learn the per-channel scale (default ``True``).

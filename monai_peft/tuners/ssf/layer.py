@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -10,25 +11,23 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from monai_peft.tuners._common import NonWeightBaseLayerMixin
+from monai_peft.tuners.module_types import ANY_CONV_TYPES, CHANNEL_FIRST_NORM_TYPES, CONV_TRANSPOSE_TYPES
 
 from .config import SSFConfig
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_NORM_CHANNEL_FIRST = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
-                       nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm)
-SUPPORTED_TYPES = _CONV + _CONV_T + _NORM_CHANNEL_FIRST + (nn.Linear, nn.LayerNorm)
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = ANY_CONV_TYPES + CHANNEL_FIRST_NORM_TYPES + (nn.Linear, nn.LayerNorm)
+
+# flags that say whether a norm layer uses its weight/bias; set while SSF's merge gave it ones it did not have
+_AFFINE_FLAGS = ("affine", "elementwise_affine")
 
 
 def ssf_channels(module: nn.Module) -> tuple[int, int]:
     """``(channels, channel_dim)`` of the output of a supported module (dim 1 for ``(B, C, ...)``, -1 for linear)."""
-    if isinstance(module, _CONV + _CONV_T):
-        if isinstance(module, _CONV_T) and module.groups != 1:
-            raise TypeError("SSF supports transposed convolutions with groups=1 only.")
+    if isinstance(module, ANY_CONV_TYPES):
         return module.out_channels, 1
     if isinstance(module, nn.GroupNorm):
         return module.num_channels, 1
-    if isinstance(module, _NORM_CHANNEL_FIRST):
+    if isinstance(module, CHANNEL_FIRST_NORM_TYPES):
         return module.num_features, 1
     if isinstance(module, nn.Linear):
         return module.out_features, -1
@@ -41,8 +40,23 @@ def ssf_channels(module: nn.Module) -> tuple[int, int]:
     )
 
 
+@dataclass
+class _MergeRecord:
+    """What unmerging one adapter needs besides its scale and shift."""
+
+    created: tuple[str, ...]  # parameters the merge created ("weight" / "bias") and unmerge removes again
+    bias: Optional[torch.Tensor]  # the bias before the merge (C floats; restores it exactly)
+    channels: torch.Tensor  # output channels whose weights division cannot restore (scale 0, underflow, ...)
+    weight_rows: Optional[torch.Tensor]  # their weights before the merge, as ``_channel_first(weight)[channels]``
+
+
 class SSFLayer(NonWeightBaseLayerMixin, BaseTunerLayer):
-    """Per adapter name: ``ssf_scale`` (C,) and/or ``ssf_shift`` (C,)."""
+    """Per adapter name: ``ssf_scale`` (C,) and/or ``ssf_shift`` (C,).
+
+    Several active adapters combine as ``y = (prod_a scale_a) * op(x) + sum_a shift_a``: scales multiply (as IA3's
+    do) and shifts add, so the result does not depend on the order of the adapters, and merging them one by one or
+    together gives the same weights.
+    """
 
     adapter_layer_names = ("ssf_scale", "ssf_shift")
     other_param_names = ()
@@ -53,8 +67,7 @@ class SSFLayer(NonWeightBaseLayerMixin, BaseTunerLayer):
         self.ssf_shift = nn.ParameterDict({})
         self._disable_adapters = False
         self.merged_adapters = []
-        # per merged adapter: which parameters the merge had to create (so unmerge can remove them again)
-        self._ssf_created: dict[str, tuple[str, ...]] = {}
+        self._ssf_merge_records: dict[str, _MergeRecord] = {}
         self.channels, self.channel_dim = ssf_channels(self.get_base_layer())
         self.in_features = self.out_features = self.channels
 
@@ -81,83 +94,148 @@ class SSFLayer(NonWeightBaseLayerMixin, BaseTunerLayer):
             return v
         return v.view(1, -1, *([1] * (ndim - 2)))
 
-    def _scale_shift(self, adapter_name: str, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = self.ssf_scale[adapter_name] if adapter_name in self.ssf_scale else torch.ones(self.channels)
-        shift = self.ssf_shift[adapter_name] if adapter_name in self.ssf_shift else torch.zeros(self.channels)
-        return scale.to(device=device, dtype=dtype), shift.to(device=device, dtype=dtype)
+    def _scale_shift(self, names: list[str], device, dtype) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Product of the scales and sum of the shifts of ``names`` (``None`` where no adapter has one)."""
+        scale = shift = None
+        for name in names:
+            if name in self.ssf_scale:
+                s = self.ssf_scale[name].to(device=device, dtype=dtype)
+                scale = s if scale is None else scale * s
+            if name in self.ssf_shift:
+                t = self.ssf_shift[name].to(device=device, dtype=dtype)
+                shift = t if shift is None else shift + t
+        return scale, shift
 
     def _adapters(self) -> list[str]:
-        return [a for a in self.active_adapters if a in self.ssf_scale or a in self.ssf_shift]
+        """Active adapters of this layer, sorted by name (a fixed order makes their combination exactly repeatable)."""
+        return sorted(a for a in self.active_adapters if a in self.ssf_scale or a in self.ssf_shift)
 
     # -- merging (thesis eq. 3.3) -------------------------------------------------------------------------
-    def _weight_view(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _channel_first(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` viewed as ``(C_out, ...)``; a transposed conv's ``(C_in, C_out / g, *k)`` is regrouped."""
         base = self.get_base_layer()
-        if isinstance(base, _CONV_T):  # weight (C_in, C_out, *k)
-            return v.view(1, -1, *([1] * (weight.dim() - 2)))
-        return v.view(-1, *([1] * (weight.dim() - 1)))
+        if isinstance(base, CONV_TRANSPOSE_TYPES):
+            g = base.groups
+            w = weight.reshape(g, weight.shape[0] // g, weight.shape[1], *weight.shape[2:])
+            return w.transpose(1, 2).reshape(self.channels, *w.shape[1:2], *weight.shape[2:])
+        return weight.reshape(self.channels, *weight.shape[1:]) if weight.dim() > 1 else weight
+
+    def _from_channel_first(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        if isinstance(base, CONV_TRANSPOSE_TYPES):
+            g = base.groups
+            w = rows.reshape(g, like.shape[1], like.shape[0] // g, *like.shape[2:])
+            return w.transpose(1, 2).reshape(like.shape).contiguous()
+        return rows.reshape(like.shape).contiguous()
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold adapters into the layer: ``W' = s * W``, ``b' = s * (b - T) + T + t`` (``T``: shifts merged before).
+
+        The new tensors are computed apart from the layer (in float32) and written only when complete; with
+        ``safe_merge=True`` they are first checked to be finite. A layer without bias gains one (a norm without affine
+        parameters gains weight and bias); a warning says so.
+
+        Raises:
+            ValueError: ``safe_merge`` and the merged weights would hold NaN or inf (nothing is changed).
+        """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         for name in adapter_names:
             if name not in self.ssf_scale and name not in self.ssf_shift:
                 continue
-            ref = next(p for p in (getattr(base, "weight", None), getattr(base, "bias", None),
-                                   *self.ssf_scale.values(), *self.ssf_shift.values()) if p is not None)
-            scale, shift = self._scale_shift(name, ref.device, torch.float32)
-            if safe_merge and not (torch.isfinite(scale).all() and torch.isfinite(shift).all()):
-                raise ValueError(f"NaNs or infs in SSF adapter '{name}'; not merged.")
-            created = []
-            weight = getattr(base, "weight", None)
-            if weight is None:  # norm without affine parameters: y = s * norm(x) + t
-                base.weight = nn.Parameter(scale.to(ref.dtype).clone(), requires_grad=False)
-                created.append("weight")
-            else:
-                weight.data = (weight.data.float() * self._weight_view(scale, weight)).to(weight.dtype)
-            bias = getattr(base, "bias", None)
-            if bias is None:
-                warnings.warn(
-                    f"merging SSF into {type(base).__name__} without a bias adds a bias parameter of shape "
-                    f"({self.channels},) to it (the shift); the merged network's state_dict gains that key."
+            weight, bias = getattr(base, "weight", None), getattr(base, "bias", None)
+            ref = next(p for p in (weight, bias, *self.ssf_scale.values(), *self.ssf_shift.values()) if p is not None)
+            scale, shift = self._scale_shift([name], ref.device, torch.float32)
+            ones = torch.ones(self.channels, device=ref.device)
+            scale = ones if scale is None else scale
+            shift = torch.zeros_like(ones) if shift is None else shift
+            merged_shift = self._scale_shift(self.merged_adapters, ref.device, torch.float32)[1]
+            merged_shift = torch.zeros_like(ones) if merged_shift is None else merged_shift
+            dtype = (weight if weight is not None else ref).dtype
+
+            old_w = self._channel_first(weight.detach().float()) if weight is not None else ones
+            new_w = old_w * scale.view(-1, *([1] * (old_w.dim() - 1)))
+            old_b = bias.detach().float() if bias is not None else torch.zeros_like(ones)
+            new_b = scale * (old_b - merged_shift) + merged_shift + shift
+            if safe_merge and not (torch.isfinite(new_w).all() and torch.isfinite(new_b).all()):
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {name} seems to be broken: SSF's scale or "
+                    f"shift of {type(base).__name__} is not finite; nothing was merged."
                 )
-                base.bias = nn.Parameter(shift.to(base.weight.dtype).clone(), requires_grad=False)
-                created.append("bias")
+            # channels whose pre-merge weights dividing by the scale cannot give back (scale 0, underflow, ...)
+            new_w_cast = new_w.to(dtype)
+            back = (new_w_cast.float() / scale.view(-1, *([1] * (old_w.dim() - 1)))).to(dtype).float()
+            tol = 8 * torch.finfo(dtype).eps
+            bad = ~torch.isclose(back, old_w, rtol=tol, atol=0.0).reshape(self.channels, -1).all(dim=1)
+            channels = bad.nonzero().flatten()
+            record = _MergeRecord(
+                created=tuple(n for n, p in (("weight", weight), ("bias", bias)) if p is None),
+                bias=None if bias is None else bias.detach().clone(),
+                channels=channels,
+                weight_rows=None if weight is None else self._channel_first(weight.detach())[channels].clone(),
+            )
+            if record.created:
+                warnings.warn(
+                    f"merging SSF into {type(base).__name__} without {' and '.join(record.created)} adds "
+                    f"{' and '.join(record.created)} parameter(s) of shape ({self.channels},) to it; the merged "
+                    "network's state_dict gains those keys."
+                )
+            if weight is None:  # norm without affine parameters: y = s * norm(x) + t
+                base.weight = nn.Parameter(new_w_cast, requires_grad=False)
+                for flag in _AFFINE_FLAGS:
+                    if hasattr(base, flag):
+                        setattr(base, flag, True)
             else:
-                bias.data = (bias.data.float() * scale + shift).to(bias.dtype)
-            if created and hasattr(base, "affine") and "weight" in created:
-                base.affine = True
-            self._ssf_created[name] = tuple(created)
+                weight.data = self._from_channel_first(new_w_cast, weight)
+            if bias is None:
+                base.bias = nn.Parameter(new_b.to(dtype), requires_grad=False)
+            else:
+                bias.data = new_b.to(bias.dtype).contiguous()
+            self._ssf_merge_records[name] = record
             self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Undo the merges, last first: weights are divided by the scale except the channels where division cannot
+        restore them (a scale of 0, or weights that underflowed), which the merge kept; the bias comes back exactly."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            created = self._ssf_created.pop(name, ())
-            scale, shift = self._scale_shift(name, base.bias.device, torch.float32)
-            if "bias" in created:
-                base.bias = None
-            else:
-                base.bias.data = ((base.bias.data.float() - shift) / scale).to(base.bias.dtype)
-            if "weight" in created:
+            record = self._ssf_merge_records.pop(name)
+            if "weight" in record.created:
                 base.weight = None
-                if hasattr(base, "affine"):
-                    base.affine = False
+                for flag in _AFFINE_FLAGS:
+                    if hasattr(base, flag):
+                        setattr(base, flag, False)
             else:
                 w = base.weight
-                w.data = (w.data.float() / self._weight_view(scale, w)).to(w.dtype)
+                scale, _ = self._scale_shift([name], w.device, torch.float32)
+                rows = self._channel_first(w.detach().float())
+                if scale is not None:
+                    safe = scale.clone()
+                    safe[record.channels] = 1.0  # these rows are restored from the record below
+                    rows = rows / safe.view(-1, *([1] * (rows.dim() - 1)))
+                rows = rows.to(w.dtype)
+                if record.weight_rows is not None:
+                    rows[record.channels] = record.weight_rows.to(rows.dtype)
+                w.data = self._from_channel_first(rows, w)
+            if "bias" in record.created:
+                base.bias = None
+            else:
+                base.bias.data = record.bias.to(base.bias.dtype)
 
 
 class SSFModule(nn.Module, SSFLayer):
     """A layer followed by SSF: ``forward(x) = scale * base(x) + shift`` per channel.
 
     Shapes: channel-first layers give ``(B, C, *spatial)`` with scale/shift over ``C``; ``Linear``/``LayerNorm`` give
-    ``(..., C)`` with scale/shift over the last dimension.
+    ``(..., C)`` with scale/shift over the last dimension. The affine map is computed in at least float32 and the
+    result cast back to the base layer's output dtype, so half-precision models with float32 adapters and the
+    reverse both work.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SSFConfig, **kwargs: Any) -> None:
@@ -172,13 +250,14 @@ class SSFModule(nn.Module, SSFLayer):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        names = self._adapters()
+        if self.merged or not names:
             return result
         dtype = result.dtype
-        for name in self._adapters():
-            scale, shift = self._scale_shift(name, result.device, torch.promote_types(dtype, torch.float32))
-            result = (result * self._view(scale, result.dim()) + self._view(shift, result.dim())).to(dtype)
-        return result
+        scale, shift = self._scale_shift(names, result.device, torch.promote_types(dtype, torch.float32))
+        out = result if scale is None else result * self._view(scale, result.dim())
+        out = out if shift is None else out + self._view(shift, result.dim())
+        return out.to(dtype)
 
     def __repr__(self) -> str:
         return "ssf." + super().__repr__()

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
 
-from monai_peft.tuners._common import ReplaceModuleMixin, StrictLoadMixin
+from monai_peft.tuners._common import AtomicInjectMixin, ReplaceModuleMixin, StrictLoadMixin
+from monai_peft.tuners.frozen_norm import keep_frozen_batchnorm_statistics
 
 from .config import SSFConfig
 from .layer import SUPPORTED_TYPES, SSFLayer, SSFModule
 
 
-class SSFModel(ReplaceModuleMixin, StrictLoadMixin, BaseTuner):
-    """Use through peft: ``peft.get_peft_model(model, SSFConfig(target_modules=[...]))``; thesis 001, 3.2.3."""
+class SSFModel(AtomicInjectMixin, ReplaceModuleMixin, StrictLoadMixin, BaseTuner):
+    """Use through peft: ``peft.get_peft_model(model, SSFConfig(target_modules=[...]))``; thesis 001, 3.2.3.
+
+    If any target cannot take SSF, the error names it and no module is wrapped. Frozen batch norms keep their
+    running statistics while the adapters train (:mod:`monai_peft.tuners.frozen_norm`).
+    """
 
     prefix: str = "ssf_"
     tuner_layer_cls = SSFLayer
@@ -25,6 +31,9 @@ class SSFModel(ReplaceModuleMixin, StrictLoadMixin, BaseTuner):
                 "or use monai_peft.adapt(model, 'ssf')."
             )
         return peft_config
+
+    def _post_injection_hook(self, model: nn.Module, config: SSFConfig, adapter_name: str) -> None:
+        keep_frozen_batchnorm_statistics(model)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if isinstance(target, SSFLayer):
