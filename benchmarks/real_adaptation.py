@@ -41,14 +41,17 @@ Design, and why:
 - **Methods.** Full fine-tuning (every weight; the plain network), head only (linear probing of the 1x1x1
   output conv), ConvAdapter on every conv including the 1-channel stem, LoRA on every ``Conv3d`` (the largest rank
   within 5% of the parameters), SSF on :func:`monai_peft.adapt`'s default targets; the PEFT methods also train the
-  head (thesis 4.2.5). ConvAdapter has :class:`~monai_peft.ConvAdapterConfig`'s defaults (``gamma=4``, grouped
-  down-projection, parallel) on every ``Conv3d`` and ``ConvTranspose3d``; LoRA has ``r=3``
+  head (thesis 4.2.5). ConvAdapter is parallel with a grouped down-projection (:class:`~monai_peft.ConvAdapterConfig`'s
+  defaults) on every ``Conv3d`` and ``ConvTranspose3d``, with ``gamma`` 4 (the default, 4.2% of the parameters) or
+  2 (the widest within 5%) chosen together with the learning rate; LoRA has ``r=3``, the largest rank within 5%
   (peft 0.21's LoRA has no ``ConvTranspose3d`` layer). AdamW (weight decay 1e-5) with cosine annealing (thesis 4.2.3), DiceCE loss, random
   patches with light nnU-Net-style augmentation (affine, intensity, contrast, bias field, noise: one training
   slab invites over-fitting). Every method runs at every learning rate of its grid (:data:`METHODS`) and with
   ``--seeds`` seeds (default 1; the same patch sequences for every method; a grid point's Dice is the mean over
   its seeds). The same steps, patches and data for every method. Single runs differ by up to 0.1 Dice between
   seeds on slabs this small: read differences below ~0.05 as noise.
+- **Cache.** Each finished run is stored in ``--out``/``runs/`` under a hash of what shapes it (:func:`run_key`):
+  an interrupted benchmark resumes, and a widened grid runs only its new points.
 - **Determinism.** Each run is seeded (``set_determinism``, the transforms' random state) and uses one intra-op
   thread; the runs are spread over ``--workers`` processes instead. So results do not depend on
   ``OMP_NUM_THREADS`` or the worker count, as far as torch's CPU kernels are deterministic. The pretrained
@@ -93,7 +96,7 @@ from torch import nn
 import monai_peft
 from monai_peft import ModuleType, Region, parameter_report
 from monai_peft.data import MR_ORGANS_29, example_scan, remap_label_map, task_id_map
-from monai_peft.io import atomic_save_figure, atomic_torch_save, atomic_write_json
+from monai_peft.io import atomic_save_figure, atomic_torch_save, atomic_write_json, atomic_write_text
 from monai_peft.workflows.engines import build_loss, build_optimizer
 
 logger = logging.getLogger("real_adaptation")
@@ -113,29 +116,35 @@ MR_PERCENTILES: tuple[float, float] = (0.5, 99.5)
 DYNUNET_REGIONS = {"encoder": [r"input_block", r"downsamples", r"bottleneck"], "decoder": [r"upsamples"],
                    "head": [r"output_block"]}
 
+
 @dataclass(frozen=True)
 class MethodSpec:
     """How one method is built and its learning-rate grid.
 
     ``adapt_kwargs`` are :func:`monai_peft.adapt`'s keyword arguments (``None``: train the plain network);
-    ``conv_types`` makes the target every conv of these types outside the head (``None``: ``adapt``'s default).
+    ``conv_types`` makes the target every conv of these types outside the head (``None``: ``adapt``'s default);
+    ``variants`` are further ``adapt`` options, each run at every rate of ``lr_grid`` and chosen like the rate.
     """
 
     adapt_kwargs: dict[str, Any] | None
     lr_grid: tuple[float, ...]
     conv_types: tuple[type[nn.Module], ...] | None = None
+    variants: tuple[dict[str, Any], ...] = ({},)
 
 
+# grids widened until no method's choice (fold A, fold B, default) sits at an edge in the committed run, or the
+# edge is a clear decline (docs/core.md, "Learning rates")
 METHODS: dict[str, MethodSpec] = {
-    "full": MethodSpec(None, (1e-3, 3e-3, 1e-2, 3e-2)),
-    "head": MethodSpec({}, (1e-2, 3e-2, 1e-1)),
-    # the paper's and ConvAdapterConfig's default width (gamma=4, depthwise) on every conv, stem and up-sampling
-    # included: 4.2% of the parameters (gamma=2: 5.0%, gamma=1: 6.8%, dense gamma=16: 8.3%)
-    "convadapter": MethodSpec({"train_fully": "head", "gamma": 4}, (1e-2, 3e-2, 1e-1),
-                              (nn.Conv3d, nn.ConvTranspose3d)),
+    "full": MethodSpec(None, (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)),
+    "head": MethodSpec({}, (1e-2, 3e-2, 1e-1, 3e-1)),
+    # grouped down-projection (ConvAdapterConfig's default) on every conv, stem and up-sampling included; the widths
+    # within 5% of the parameters: gamma=4 (the paper's and ConvAdapterConfig's default, 4.2%) and gamma=2 (5.0%);
+    # gamma=1 is 6.8%, dense down-projections 8.3% at gamma=16
+    "convadapter": MethodSpec({"train_fully": "head"}, (1e-2, 3e-2, 1e-1, 3e-1), (nn.Conv3d, nn.ConvTranspose3d),
+                              ({"gamma": 4}, {"gamma": 2})),
     # the largest rank within 5% of the parameters (r=3: 4.5%, r=4: 6.0%); peft 0.21's LoRA has no ConvTranspose3d
-    "lora": MethodSpec({"train_fully": "head", "r": 3}, (3e-3, 1e-2, 3e-2), (nn.Conv3d,)),
-    "ssf": MethodSpec({"train_fully": "head"}, (3e-2, 1e-1, 3e-1)),
+    "lora": MethodSpec({"train_fully": "head", "r": 3}, (3e-3, 1e-2, 3e-2, 1e-1), (nn.Conv3d,)),
+    "ssf": MethodSpec({"train_fully": "head"}, (1e-2, 3e-2, 1e-1, 3e-1, 1.0)),
 }
 
 
@@ -273,14 +282,16 @@ def residual_unet(out_channels: int, filters: Sequence[int] = FILTERS) -> DynUNe
     return net
 
 
-def build_model(method: str, state: dict[str, torch.Tensor], out_channels: int, filters: Sequence[int]) -> nn.Module:
-    """The pretrained network prepared for ``method`` (a ``PeftModel``, or the plain network for ``full``)."""
+def build_model(method: str, state: dict[str, torch.Tensor], out_channels: int, filters: Sequence[int],
+                options: dict[str, Any] | None = None) -> nn.Module:
+    """The pretrained network prepared for ``method`` with variant ``options`` (a ``PeftModel``, or the plain network
+    for ``full``)."""
     net = residual_unet(out_channels, filters)
     net.load_state_dict(state)
     spec = METHODS[method]
     if spec.adapt_kwargs is None:
         return net
-    kwargs = dict(spec.adapt_kwargs)
+    kwargs = dict(spec.adapt_kwargs) | dict(options or {})
     if spec.conv_types is not None:  # every conv but the head, which trains fully beside the adapters
         kwargs["target"] = ModuleType(*spec.conv_types) & ~Region("head")
     return monai_peft.adapt(net, method, **kwargs)
@@ -369,21 +380,22 @@ def _init_worker(context: dict[str, Any], log_level: int) -> None:
     _CONTEXT.update(context)
 
 
-def run_one(method: str, lr: float, seed: int) -> dict[str, Any]:
-    """Fine-tune the pretrained network with ``method`` at ``lr`` and seed ``seed``; score both held-out slabs."""
+def run_one(method: str, options: dict[str, Any], lr: float, seed: int) -> dict[str, Any]:
+    """Fine-tune the pretrained network with ``method`` (variant ``options``) at ``lr`` and seed ``seed``; score both
+    held-out slabs."""
     data: TaskData = _CONTEXT["data"]
     s: Settings = _CONTEXT["settings"]
     set_determinism(seed)
-    model = build_model(method, _CONTEXT["state"], len(data.classes) + 1, s.filters)
+    model = build_model(method, _CONTEXT["state"], len(data.classes) + 1, s.filters, options)
     report = parameter_report(model)
-    tag = f"{method} lr={lr:g} seed={seed}"
+    tag = f"{method}{_label(options)} lr={lr:g} seed={seed}"
     t0 = time.perf_counter()
     fit = train(model, data.mr["train"]["image"], data.mr["train"]["label"], s.steps, lr, seed, s, tag)
     t1 = time.perf_counter()
     scores = {slab: evaluate(model, data.mr[slab]["image"], data.mr[slab]["label"], data.classes, data.scored[slab], s)
               for slab in ("val", "test")}
     t2 = time.perf_counter()
-    return {"method": method, "lr": lr, "seed": seed, "trainable": report.trainable, "total": report.total,
+    return {"method": method, "options": dict(options), "lr": lr, "seed": seed, "trainable": report.trainable, "total": report.total,
             "trainable_percent": report.percent, "val_dice": scores["val"]["mean_dice"],
             "test_dice": scores["test"]["mean_dice"], "val_per_class": scores["val"]["per_class"],
             "test_per_class": scores["test"]["per_class"], "train_s": t1 - t0, "eval_s": t2 - t1, **fit}
@@ -414,14 +426,14 @@ def pretrain(data: TaskData, s: Settings, cache_dir: Path) -> tuple[dict[str, to
 
 
 def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One grid point per ``(method, lr)``: Dice, per-class Dice, loss and seconds averaged over its seeds."""
-    points: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    """One grid point per ``(method, options, lr)``: Dice, per-class Dice, loss and seconds averaged over its seeds."""
+    points: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     for r in runs:
-        points.setdefault((r["method"], r["lr"]), []).append(r)
+        points.setdefault((r["method"], json.dumps(r["options"], sort_keys=True), r["lr"]), []).append(r)
     grid = []
-    for (method, lr), rs in sorted(points.items(), key=lambda kv: (list(METHODS).index(kv[0][0]), kv[0][1])):
+    for (method, _, lr), rs in sorted(points.items(), key=lambda kv: (list(METHODS).index(kv[0][0]), kv[0][1:])):
         rs = sorted(rs, key=lambda r: r["seed"])
-        point = {k: rs[0][k] for k in ("method", "lr", "trainable", "total", "trainable_percent")}
+        point = {k: rs[0][k] for k in ("method", "options", "lr", "trainable", "total", "trainable_percent")}
         for key in ("val_dice", "test_dice", "train_s", "eval_s", "loss_first", "loss_last"):
             point[key] = float(np.mean([r[key] for r in rs]))
         for key in ("val_per_class", "test_per_class"):
@@ -437,12 +449,16 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def choose(grid: Sequence[dict[str, Any]], on: str = "val") -> dict[str, Any]:
     """The grid point with the best mean Dice on slab ``on`` (``"val"``, ``"test"`` or ``"both"``: their mean).
 
-    The smaller learning rate wins a tie.
+    The smaller learning rate wins a tie (then the grid's first variant).
     """
     def score(r: dict[str, Any]) -> float:
         return 0.5 * (r["val_dice"] + r["test_dice"]) if on == "both" else r[f"{on}_dice"]
 
     return max(sorted(grid, key=lambda r: r["lr"]), key=lambda r: (score(r), -r["lr"]))
+
+
+def _label(options: dict[str, Any]) -> str:
+    return "".join(f" {k}={v}" for k, v in sorted(options.items()))
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -463,7 +479,37 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(f"{r['method']:<13}{r['trainable']:>11,}{r['trainable_percent']:>7.2f}%{lr(r['lr']):>8}"
                      f"{r['test_dice']:>8.3f}{lr(r['lr_b']):>8}{r['val_dice_b']:>8.3f}{r['heldout_dice']:>10.3f}"
                      f"{lr(r['default_lr']):>9}{wall:>7}")
+    for r in rows:
+        if r.get("options"):
+            lines.append(f"{r['method']}: fold A{_label(r['options'])}, fold B{_label(r['options_b'])}, "
+                         f"default{_label(r['default_options'])}")
     return "\n".join(lines)
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    """The docs' table (``docs/core.md``, "Learning rates"): each grid point's "val / test" Dice, fold A's and fold
+    B's choice in bold and italics, the held-out Dice and the default rate."""
+    lrs = sorted({g["lr"] for g in result["grid"]})
+    lines = ["| method | options | trainable | " + " | ".join(f"{lr:g}" for lr in lrs) + " | held-out Dice | default |",
+             "|---|---|---|" + "---|" * len(lrs) + "---|---|"]
+    for row in result["rows"]:
+        if row["method"] == "pretrained":
+            continue
+        for options in result["settings"]["variants"][row["method"]]:
+            points = {g["lr"]: g for g in result["grid"] if g["method"] == row["method"] and g["options"] == options}
+            cells = []
+            for lr in lrs:
+                g = points.get(lr)
+                a = lr == row["lr"] and options == row["options"]
+                b = lr == row["lr_b"] and options == row["options_b"]
+                val = "" if g is None else (f"**{g['val_dice']:.3f}**" if a else f"{g['val_dice']:.3f}")
+                test = "" if g is None else (f"*{g['test_dice']:.3f}*" if b else f"{g['test_dice']:.3f}")
+                cells.append("" if g is None else f"{val} / {test}")
+            percent = next(iter(points.values()))["trainable_percent"]
+            default = f"**{row['default_lr']:g}**" if options == row["default_options"] else ""
+            lines.append(f"| {row['method']} | {_label(options).strip()} | {percent:.2f}% | " + " | ".join(cells)
+                         + f" | {row['heldout_dice']:.3f} | {default} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
@@ -476,11 +522,14 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for method in result["settings"]["methods"]:
-        pts = sorted((g for g in result["grid"] if g["method"] == method), key=lambda g: g["lr"])
-        lrs = [g["lr"] for g in pts]
-        ax.plot(lrs, [g["val_dice"] for g in pts], "o-", color=colours[method], label=f"{method} (val)")
-        ax.plot(lrs, [g["test_dice"] for g in pts], "x--", color=colours[method], alpha=0.6)
-        best = choose(pts, "val")
+        for i, options in enumerate(result["settings"]["variants"][method]):
+            pts = sorted((g for g in result["grid"] if g["method"] == method and g["options"] == options),
+                         key=lambda g: g["lr"])
+            lrs, style = [g["lr"] for g in pts], ("-", ":")[i % 2]
+            ax.plot(lrs, [g["val_dice"] for g in pts], "o" + style, color=colours[method],
+                    label=f"{method}{_label(options)} (val)")
+            ax.plot(lrs, [g["test_dice"] for g in pts], "x--", color=colours[method], alpha=0.6)
+        best = choose([g for g in result["grid"] if g["method"] == method], "val")
         ax.plot([best["lr"]], [best["val_dice"]], "*", color=colours[method], markersize=14)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (AdamW, cosine)")
@@ -528,9 +577,10 @@ def targets(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for method, tol, budget in (("convadapter", 0.05, 5.0), ("lora", 0.05, 5.0), ("ssf", 0.15, None)):
         if method in by:
             gap = by["full"]["heldout_dice"] - by[method]["heldout_dice"]
-            ok = gap <= tol and (budget is None or by[method]["trainable_percent"] <= budget)
+            percent = max(by[method]["trainable_percent"], by[method]["trainable_percent_b"])  # both folds' variants
+            ok = gap <= tol and (budget is None or percent <= budget)
             out[method] = {"gap_to_full": gap, "gap_fold_a": by["full"]["test_dice"] - by[method]["test_dice"],
-                           "tolerance": tol, "trainable_percent": by[method]["trainable_percent"],
+                           "tolerance": tol, "trainable_percent": percent,
                            "max_trainable_percent": budget, "met": bool(ok)}
     return out
 
@@ -565,24 +615,58 @@ def _settings(args: argparse.Namespace) -> Settings:
     return replace(s, **overrides)
 
 
-def run_grid(context: dict[str, Any], jobs: Sequence[tuple[str, float, int]], workers: int) -> list[dict[str, Any]]:
-    """Every ``(method, lr, seed)`` run, in ``workers`` processes of one thread each (in this one for ``workers=1``)."""
+def run_key(s: Settings, pretrained: str, method: str, options: dict[str, Any], lr: float, seed: int) -> str:
+    """Cache key of one run: everything that shapes its result (settings, the method's spec, rate, seed, base net)."""
+    spec = METHODS[method]
+    fields = asdict(s)
+    for name in ("methods", "log_every", "grid_points", "seeds"):  # choose which runs happen, not what they give
+        fields.pop(name)
+    key = {"settings": fields, "pretrained": pretrained, "method": method, "options": options, "lr": lr, "seed": seed,
+           "adapt": {k: repr(v) for k, v in (spec.adapt_kwargs or {}).items()} if spec.adapt_kwargs is not None else None,
+           "conv_types": [t.__name__ for t in spec.conv_types or ()], "slabs": MR_SLABS, "pixdim": PIXDIM,
+           "min_ml": MIN_ML}
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_grid(context: dict[str, Any], jobs: Sequence[tuple[str, dict[str, Any], float, int]], workers: int,
+             cache_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Every ``(method, options, lr, seed)`` run, in ``workers`` processes of one thread each (in this one for ``workers=1``).
+
+    With ``cache_dir``, each finished run is written there (``runs/<key>.json``, :func:`run_key`) and a run found
+    there is not repeated: an interrupted benchmark resumes, and a wider grid only runs its new points. The key
+    covers the settings, not the code: delete the folder after changing how runs train or score.
+    """
     runs: list[dict[str, Any]] = []
+    s: Settings = context["settings"]
+    pretrained = Path(context["pretrained"]).stem
 
-    def done(r: dict[str, Any]) -> None:
+    def cached(job: tuple[str, dict[str, Any], float, int]) -> Path | None:
+        return None if cache_dir is None else cache_dir / "runs" / f"{run_key(s, pretrained, *job)}.json"
+
+    def done(r: dict[str, Any], from_cache: bool = False) -> None:
         runs.append(r)
-        logger.info(f"[{len(runs)}/{len(jobs)}] {r['method']} lr={r['lr']:g} seed={r['seed']}: "
+        path = cached((r["method"], r["options"], r["lr"], r["seed"]))
+        if path is not None and not from_cache:
+            atomic_write_json(path, r)
+        logger.info(f"[{len(runs)}/{len(jobs)}] {r['method']}{_label(r['options'])} lr={r['lr']:g} seed={r['seed']}: "
                     f"val {r['val_dice']:.3f} test {r['test_dice']:.3f} ({r['trainable_percent']:.2f}% trainable, "
-                    f"{r['train_s'] + r['eval_s']:.0f} s)")
+                    f"{r['train_s'] + r['eval_s']:.0f} s{', cached' if from_cache else ''})")
 
-    if workers == 1:
+    todo = []
+    for job in jobs:
+        path = cached(job)
+        if path is not None and path.is_file():
+            done(json.loads(path.read_text()), from_cache=True)
+        else:
+            todo.append(job)
+    if workers == 1 or len(todo) <= 1:
         _init_worker(context, logging.INFO)
-        for job in jobs:
+        for job in todo:
             done(run_one(*job))
         return runs
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                              initargs=(context, logging.INFO)) as pool:
-        for fut in as_completed([pool.submit(run_one, *job) for job in jobs]):
+        for fut in as_completed([pool.submit(run_one, *job) for job in todo]):
             done(fut.result())
     return runs
 
@@ -596,18 +680,20 @@ def summary_rows(grid: Sequence[dict[str, Any]], zero_shot: dict[str, Any], meth
     its learning rate, and together they cover both slabs (twice the anatomy of one slab, so half the variance
     of a single region). ``default_lr`` maximises the mean Dice over both slabs: the rate a user should start from.
     """
-    keys = ("method", "trainable", "total", "trainable_percent", "lr", "val_dice", "test_dice")
+    keys = ("method", "options", "trainable", "total", "trainable_percent", "lr", "val_dice", "test_dice")
     zero_val, zero_test = zero_shot["val"]["mean_dice"], zero_shot["test"]["mean_dice"]
-    rows = [{"method": "pretrained", "trainable": 0, "total": grid[0]["total"] if grid else 0,
+    rows = [{"method": "pretrained", "options": {}, "trainable": 0, "total": grid[0]["total"] if grid else 0,
              "trainable_percent": 0.0, "lr": None, "val_dice": zero_val, "test_dice": zero_test, "lr_b": None,
-             "val_dice_b": zero_val, "heldout_dice": 0.5 * (zero_val + zero_test), "default_lr": None, "run_s": None}]
+             "val_dice_b": zero_val, "trainable_percent_b": 0.0, "heldout_dice": 0.5 * (zero_val + zero_test), "default_lr": None, "run_s": None}]
     for method in methods:
         points = [g for g in grid if g["method"] == method]
         fold_a, fold_b = choose(points, "val"), choose(points, "test")
         rows.append({k: fold_a[k] for k in keys} | {
-            "lr_b": fold_b["lr"], "val_dice_b": fold_b["val_dice"],
+            "lr_b": fold_b["lr"], "options_b": fold_b["options"], "val_dice_b": fold_b["val_dice"],
+            "trainable_percent_b": fold_b["trainable_percent"],
             "heldout_dice": 0.5 * (fold_a["test_dice"] + fold_b["val_dice"]),
-            "default_lr": choose(points, "both")["lr"], "run_s": fold_a["train_s"] + fold_a["eval_s"]})
+            "default_lr": choose(points, "both")["lr"], "default_options": choose(points, "both")["options"],
+            "run_s": fold_a["train_s"] + fold_a["eval_s"]})
     return rows
 
 
@@ -644,9 +730,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"test {zero_shot['test']['mean_dice']:.3f} (on its own CT: {pre_info['ct_dice']:.3f})")
 
     grids = {m: list(METHODS[m].lr_grid[: s.grid_points]) for m in s.methods}
-    jobs = [(m, lr, s.seed + i) for i in range(s.seeds) for m in s.methods for lr in grids[m]]
+    jobs = [(m, dict(v), lr, s.seed + i) for i in range(s.seeds) for m in s.methods for v in METHODS[m].variants
+            for lr in grids[m]]
     t_grid = time.perf_counter()
-    runs = run_grid({"data": data, "settings": s, "state": state}, jobs, args.workers)
+    runs = run_grid({"data": data, "settings": s, "state": state, "pretrained": pre_info["cache"]}, jobs,
+                    args.workers, out)
     grid_s = time.perf_counter() - t_grid
     grid = aggregate(runs)
     rows = summary_rows(grid, zero_shot, s.methods)
@@ -656,6 +744,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "ct_window": CT_WINDOW, "mr_percentiles": MR_PERCENTILES, "lr_grids": grids,
             "adapt": {m: {k: repr(v) for k, v in (METHODS[m].adapt_kwargs or {}).items()} for m in s.methods},
             "conv_types": {m: [t.__name__ for t in METHODS[m].conv_types or ()] for m in s.methods},
+            "variants": {m: [dict(v) for v in METHODS[m].variants] for m in s.methods},
         },
         "data": {"classes": data.classes, "scored": data.scored, "voxels": data.voxels, "mr_window": data.mr_window},
         "pretrain": pre_info,
@@ -666,13 +755,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "targets": targets(rows[1:]),
         "machine": _machine(load_start),
         "grid_seconds": grid_s,
+        # one-thread seconds of every run, also those read from the cache: the grid's cost on a single core
+        "run_seconds_total": float(sum(r["train_s"] + r["eval_s"] for r in runs)),
         "wall_seconds": time.perf_counter() - t_start,
     }
     atomic_write_json(out / "real_adaptation.json", result)
     plot(result, out / "real_adaptation.png")
+    atomic_write_text(out / "real_adaptation.md", format_markdown(result))
     print(format_table(rows))
     load_end = result["machine"]["load_avg_end"]
-    print(f"wall time {result['wall_seconds']:.0f} s (runs {grid_s:.0f} s on {args.workers} workers); load average "
+    print(f"wall time {result['wall_seconds']:.0f} s (runs {grid_s:.0f} s on {args.workers} workers; all runs "
+          f"{result['run_seconds_total']:.0f} single-thread s, cached ones included); load average "
           f"{load_start[0]:.2f} at start, {load_end[0]:.2f} at end; results in {out}")
     for method, t in result["targets"].items():
         budget = "" if t["max_trainable_percent"] is None else f", {t['trainable_percent']:.2f}% trainable (<= 5%)"

@@ -65,8 +65,10 @@ def test_quick_run_writes_a_consistent_table_json_and_png(tmp_path):
     res = json.loads((tmp_path / "real_adaptation.json").read_text())
     settings, grid, data = res["settings"], res["grid"], res["data"]
     assert settings["methods"] == ["full", "head", "convadapter", "lora", "ssf"]
-    assert sorted((g["method"], g["lr"]) for g in grid) == sorted(
-        (m, lr) for m in settings["methods"] for lr in settings["lr_grids"][m])
+    assert sorted((g["method"], json.dumps(g["options"]), g["lr"]) for g in grid) == sorted(
+        (m, json.dumps(v), lr) for m in settings["methods"] for v in settings["variants"][m]
+        for lr in settings["lr_grids"][m])
+    assert settings["variants"]["convadapter"] == [{"gamma": 4}, {"gamma": 2}]
     assert all(len(settings["lr_grids"][m]) == 2 for m in settings["methods"])
 
     # each slab's mean Dice is the mean of its scored classes' Dice (absent prediction = 0)
@@ -87,14 +89,17 @@ def test_quick_run_writes_a_consistent_table_json_and_png(tmp_path):
     for method in settings["methods"]:
         row, points = rows[method], [g for g in grid if g["method"] == method]
         # fold A: the rate is chosen on the validation slab and scored on the test slab; fold B the other way round
-        for chosen, on, scored in (("lr", "val", "test_dice"), ("lr_b", "test", "val_dice_b")):
+        # (ConvAdapter's gamma is chosen with the rate)
+        for chosen, options, on, scored in (("lr", "options", "val", "test_dice"),
+                                            ("lr_b", "options_b", "test", "val_dice_b")):
             best = max(g[f"{on}_dice"] for g in points)
             assert row[chosen] == min(g["lr"] for g in points if g[f"{on}_dice"] == best)
-            at = next(g for g in points if g["lr"] == row[chosen])
+            at = next(g for g in points if g["lr"] == row[chosen] and g["options"] == row[options])
+            assert at[f"{on}_dice"] == best
             assert row[scored] == at["test_dice" if on == "val" else "val_dice"]
         assert row["heldout_dice"] == pytest.approx(0.5 * (row["test_dice"] + row["val_dice_b"]))
-        both = {g["lr"]: g["val_dice"] + g["test_dice"] for g in points}
-        assert row["default_lr"] == min(lr for lr, v in both.items() if v == max(both.values()))
+        both = [g["val_dice"] + g["test_dice"] for g in points]
+        assert row["default_lr"] == min(g["lr"] for g, v in zip(points, both) if v == max(both))
         assert row["trainable_percent"] == pytest.approx(100.0 * row["trainable"] / row["total"])
     for method, t in res["targets"].items():
         assert t["gap_to_full"] == pytest.approx(rows["full"]["heldout_dice"] - rows[method]["heldout_dice"])
@@ -107,6 +112,18 @@ def test_quick_run_writes_a_consistent_table_json_and_png(tmp_path):
     for method in settings["methods"]:
         line = next(ln for ln in run.stdout.splitlines() if ln.startswith(method + " "))
         assert f"{rows[method]['trainable']:,}" in line and f"{rows[method]['heldout_dice']:.3f}" in line
+    # the docs' table is written beside the JSON
+    table = (tmp_path / "real_adaptation.md").read_text()
+    assert all(f"| {m} |" in table for m in settings["methods"])
+
+    # every run was cached: a second invocation trains nothing and gives the same grid
+    again = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--workers", "1", "--out", str(tmp_path)],
+                           capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "step " not in again.stderr and again.stderr.count(", cached)") == len(res["runs"])
+    res2 = json.loads((tmp_path / "real_adaptation.json").read_text())
+    assert [(g["method"], g["options"], g["lr"], g["val_dice"], g["test_dice"]) for g in res2["grid"]] == [
+        (g["method"], g["options"], g["lr"], g["val_dice"], g["test_dice"]) for g in grid]
     import matplotlib.image
 
     png = matplotlib.image.imread(str(tmp_path / "real_adaptation.png"))
