@@ -135,8 +135,8 @@ class MethodSpec:
 # grids widened until no method's choice (fold A, fold B, default) sits at an edge in the committed run, or the
 # edge is a clear decline (docs/core.md, "Learning rates")
 METHODS: dict[str, MethodSpec] = {
-    "full": MethodSpec(None, (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)),
-    "head": MethodSpec({}, (1e-2, 3e-2, 1e-1, 3e-1)),
+    "full": MethodSpec(None, (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)),
+    "head": MethodSpec({}, (1e-2, 3e-2, 1e-1, 3e-1, 1.0)),
     # grouped down-projection (ConvAdapterConfig's default) on every conv, stem and up-sampling included; the widths
     # within 5% of the parameters: gamma=4 (the paper's and ConvAdapterConfig's default, 4.2%) and gamma=2 (5.0%);
     # gamma=1 is 6.8%, dense down-projections 8.3% at gamma=16
