@@ -34,6 +34,8 @@ _EXPORTS: dict[str, str] = {
     "resolve_targets": "monai_peft.targeting",
     "register_regions": "monai_peft.regions",
     "regions_of": "monai_peft.regions",
+    "default_learning_rate": "monai_peft.defaults",
+    "DEFAULT_LEARNING_RATES": "monai_peft.defaults",
     "parameter_report": "monai_peft.report",
     "ParameterReport": "monai_peft.report",
     "VPTConfig": "monai_peft.tuners.vpt",

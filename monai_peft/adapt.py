@@ -204,6 +204,12 @@ def adapt(
     Frozen batch norms normalise with their running statistics also while training and do not update them
     (:mod:`monai_peft.tuners.frozen_norm`), so base checkpoint + adapter file give back exactly the trained network.
 
+    Learning rate: an adapter starts as the identity and trains a few percent of the weights, so it needs larger
+    steps than full fine-tuning; at full fine-tuning's rate it barely moves and looks broken. Start from
+    :func:`monai_peft.default_learning_rate` ``(method)`` (measured per method on a real CT-to-MR adaptation,
+    ``benchmarks/real_adaptation.py``; the table is in ``docs/core.md``, "Learning rates"), which the bundles and
+    the nnU-Net trainers use too.
+
     Raises:
         ValueError: unknown method, a target or ``train_fully`` that matches nothing, or bad method options (the
             message names the module or argument).

@@ -48,14 +48,16 @@ class PEFTSettings:
         placement: ConvAdapter scheme, one of ``PLACEMENTS``. Default ``"conv-parallel"`` (best in Chen et al.,
             thesis 3.2.2).
         target: regions the adapters go into, a subset of ``("encoder", "decoder")``. Default both.
-        lr: initial learning rate of AdamW (thesis 4.2.3: 1e-4).
+        lr: initial learning rate of AdamW. Default ``None``: the method's rate from
+            :func:`monai_peft.defaults.default_learning_rate` (adapters take larger steps than full fine-tuning;
+            the thesis's 1e-4, 4.2.3, is one ``nnUNet_peft_lr=1e-4`` away). The trainers fill it in.
     """
 
     rank: Union[int, str] = 8
     gamma: int = 4
     placement: str = "conv-parallel"
     target: tuple[str, ...] = ("encoder", "decoder")
-    lr: float = 1e-4
+    lr: Optional[float] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, str) and self.rank != "dynamic":
@@ -76,9 +78,10 @@ class PEFTSettings:
         bad = [t for t in self.target if t not in ("encoder", "decoder")]
         if not self.target or bad:
             raise ValueError(f"target must be a non-empty subset of ('encoder', 'decoder'), got {self.target!r}.")
-        if float(self.lr) <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}.")
-        self.lr = float(self.lr)
+        if self.lr is not None:
+            if float(self.lr) <= 0:
+                raise ValueError(f"lr must be positive, got {self.lr!r}.")
+            self.lr = float(self.lr)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -38,6 +38,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 from torch.optim.lr_scheduler import _LRScheduler
 
+from monai_peft.defaults import default_learning_rate
+
 from nnunet_plugin.checkpoints import (
     PRETRAINED_ATTR, PretrainedWeightsError, adapter_path_for, atomic_torch_save, load_pretrained_backbone,
     load_adapter_file, safe_load_checkpoint, save_adapter_file,
@@ -132,15 +134,20 @@ class nnUNetTrainerPEFT(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         for attr, value in training_length().items():  # nnUNet_peft_epochs / _iterations / _val_iterations
             setattr(self, attr, value)
-        self.peft_settings = resolve_settings(self.peft_defaults, self.plans_manager.plans)
+        self.peft_settings = resolve_settings(self.settings_defaults(), self.plans_manager.plans)
         self._store_settings()
         self.initial_lr = self.peft_settings.lr
-        self.weight_decay = 1e-5  # thesis 4.2.3: AdamW, lr 1e-4, weight decay 1e-5, cosine annealing
+        self.weight_decay = 1e-5  # thesis 4.2.3: AdamW, weight decay 1e-5, cosine annealing
         self._resumed_base_weights: dict[str, str] | None = None  # from the adapter file beside a resumed checkpoint
         self._skip_final_validation = not final_validation_enabled()
         self._just_trained = False
 
     # -- settings -------------------------------------------------------------------------------------------
+    @classmethod
+    def settings_defaults(cls) -> dict[str, Any]:
+        """``peft_defaults`` plus the method's default learning rate (:mod:`monai_peft.defaults`) unless they set one."""
+        return {"lr": default_learning_rate(cls.peft_method), **cls.peft_defaults}
+
     def _store_settings(self) -> None:
         # the plans dict is also my_init_kwargs["plans"]: checkpoints and plans.json carry the settings
         self.plans_manager.plans[PLANS_FIELD] = {"method": self.peft_method, **self.peft_settings.as_dict()}
@@ -163,7 +170,7 @@ class nnUNetTrainerPEFT(nnUNetTrainer):
                 f"plans field {PLANS_FIELD!r} was written for method {stored.get('method')!r}, but {cls.__name__} "
                 f"trains {cls.peft_method!r}; use the matching trainer or remove the field."
             )
-        settings = resolve_settings(cls.peft_defaults, plans_manager.plans, use_env=stored is None)
+        settings = resolve_settings(cls.settings_defaults(), plans_manager.plans, use_env=stored is None)
         return build_peft_network(network, cls.peft_method, settings)
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
@@ -249,7 +256,7 @@ class nnUNetTrainerPEFT(nnUNetTrainer):
                     f"{self.plans_manager.plans.get(PLANS_FIELD)}; load it before initialize()."
                 )
             self.print_to_log_file(f"monai-peft: adopting the settings stored in the checkpoint: {stored}")
-            self.peft_settings = resolve_settings(self.peft_defaults, {PLANS_FIELD: stored}, use_env=False)
+            self.peft_settings = resolve_settings(self.settings_defaults(), {PLANS_FIELD: stored}, use_env=False)
             self._store_settings()
         if not self.was_initialized:
             self.initialize()
@@ -432,7 +439,7 @@ class nnUNetTrainerSuPreMPEFT(nnUNetTrainerPEFT):
             raise ValueError(f"{cls.__name__}: patch_size {configuration_manager.patch_size} in the plans must be "
                              f"divisible by 8 for SuPreM's {cls.suprem_backbone} (3 downsamplings).")
         stored = plans_manager.plans.get(PLANS_FIELD)
-        settings = resolve_settings(cls.peft_defaults, plans_manager.plans, use_env=stored is None)
+        settings = resolve_settings(cls.settings_defaults(), plans_manager.plans, use_env=stored is None)
         network = suprem_backbone(cls.suprem_backbone, num_output_channels)
         return build_suprem_peft_network(network, cls.peft_method, settings, cls.suprem_backbone)
 
