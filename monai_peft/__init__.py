@@ -18,6 +18,7 @@ _register()
 
 from monai_peft.adapt import METHODS, adapt, default_targets  # noqa: E402
 from monai_peft.lora import init_lora_pca_, lora_config  # noqa: E402
+from monai_peft.memory import enable_activation_checkpointing, register_checkpoint_block  # noqa: E402
 from monai_peft.regions import register_regions, regions_of  # noqa: E402
 from monai_peft.report import ParameterReport, parameter_report  # noqa: E402
 from monai_peft.targeting import KernelSize, ModuleType, Names, NameRegex, Region, resolve_targets  # noqa: E402
@@ -29,5 +30,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvAdapterConfig", "ConvAdapterModel", "SSFConfig", "SSFModel", "adapt", "METHODS", "default_targets",
     "lora_config", "init_lora_pca_", "Region", "ModuleType", "NameRegex", "Names", "KernelSize", "resolve_targets",
-    "register_regions", "regions_of", "parameter_report", "ParameterReport",
+    "register_regions", "regions_of", "parameter_report", "ParameterReport", "enable_activation_checkpointing",
+    "register_checkpoint_block",
 ]

@@ -18,6 +18,7 @@ from peft import LNTuningConfig, PeftModel, get_peft_model
 from torch import nn
 
 from monai_peft.lora import init_lora_pca_, lora_config
+from monai_peft.memory import checkpoint_mode, enable_activation_checkpointing
 from monai_peft.regions import _unwrap, regions_of
 from monai_peft.targeting import (
     SPATIAL_CONV, ModuleType, Selector, SelectorLike, as_selector, exact_names_regex, resolve_targets,
@@ -139,6 +140,7 @@ def adapt(
     train_fully: Optional[SelectorLike] = None,
     adapter_name: str = "default",
     low_cpu_mem_usage: bool = False,
+    activation_checkpointing: bool | str = False,
     **method_kwargs: Any,
 ) -> PeftModel:
     """Wrap ``model`` for fine-tuning with ``method``; the backbone is frozen, the adapter trains.
@@ -154,9 +156,13 @@ def adapt(
             modules are left out; an explicit ``target`` that overlaps them is an error.
         adapter_name: the peft adapter name.
         low_cpu_mem_usage: create adapter weights on the meta device (for loading saved adapters fast).
+        activation_checkpointing: ``True`` / ``"full-resolution"``: blocks at the input's resolution recompute their
+            activations in backward instead of storing them; ``"all"``: every block; ``False`` (default): off. See
+            :mod:`monai_peft.memory` (the adapter file is unchanged).
         method_kwargs: method options: ConvAdapter ``gamma``, ``insertion``, ``adapter_conv``, ``kernel_size``,
             ``activation``; LoRA ``r`` (int or ``"dynamic"``), ``lora_alpha``, ``lora_dropout``, ``init_pca``, ``fused``
-            (``True``: each conv trains as one conv with the merged kernel; needs ``lora_dropout=0``);
+            (``True``: each conv trains as one conv with the merged kernel, with the faster backward per layer;
+            ``"merged"`` / ``"factored"`` force one; needs ``lora_dropout=0``);
             SSF ``scale``, ``shift``.
 
     Returns:
@@ -174,6 +180,7 @@ def adapt(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
+    checkpointing = checkpoint_mode(activation_checkpointing)
     base = _unwrap(model)
     selector = default_targets(base, method) if target is None else as_selector(target)
     whole_modules = method in ("norm", "full", "decoder", "head")
@@ -229,4 +236,6 @@ def adapt(
     if init_pca:
         init_lora_pca_(peft_model, adapter_name)
     keep_frozen_batchnorm_statistics(peft_model)  # see monai_peft.tuners.frozen_norm: the adapter file is complete
+    if checkpointing is not None:
+        enable_activation_checkpointing(peft_model, checkpointing)
     return peft_model
