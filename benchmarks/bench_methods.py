@@ -36,6 +36,7 @@ import logging
 import statistics
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,8 @@ def configurations(ranks: list[int], groups: list[str], quick: bool) -> list[Con
         rows += [Config("convadapter", "convadapter"),
                  Config("convadapter dense", "convadapter", {"adapter_conv": "dense"})]
         for r in ranks:
-            rows += [Config(f"lora r{r} peft", "lora", {"r": r}), Config(f"lora r{r} fused", "lora", {"r": r, "fused": True})]
+            rows += [Config(f"lora r{r} peft", "lora", {"r": r, "fused": False}),
+                     Config(f"lora r{r} fused", "lora", {"r": r, "fused": True})]
         rows += [Config("ssf", "ssf"), Config("bitfit", "bitfit"), Config("decoder-only", "decoder")]
     r0 = ranks[0]
     if "memory" in groups:
@@ -235,11 +237,17 @@ def bench_network(name: str, args: argparse.Namespace, device: torch.device) -> 
                                             lambda line: logger.info("%s inference: %s", name, line))
     infer_vs_base = harness.ratio_medians(infer_times, "base")
 
+    if device.type == "cuda":
+        peaks = {key: _cuda_peak(r, device) for key, r in runners.items()}
+    else:  # one fresh process per configuration; they measure their own peaks, so a few may run side by side
+        with ThreadPoolExecutor(max_workers=args.probe_jobs) as pool:
+            futures = {key: pool.submit(_cpu_peak, name, r.config, args) for key, r in runners.items()}
+            peaks = {key: f.result() for key, f in futures.items()}
     rows: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for key, r in runners.items():
             adapter, full = _file_bytes(r, network, Path(tmp))
-            peak = _peak(name, r, args, device)
+            peak = peaks[key]
             rows[key] = {
                 "config": asdict(r.config), "trainable": r.trainable(),
                 "step_s": step_times[key], "median_step_s": statistics.median(step_times[key]),
@@ -269,15 +277,17 @@ def _eval_call(model: nn.Module, x: torch.Tensor, config: Config | None, amp_dty
     return call
 
 
-def _peak(network: str, runner: Runner, args: argparse.Namespace, device: torch.device) -> float:
-    if device.type == "cuda":
-        runner.step()
-        harness.sync(device)
-        harness.reset_peak(device)
-        runner.step()
-        harness.sync(device)
-        return harness.peak_mb(device)
-    probe = {"network": network, "config": asdict(runner.config),
+def _cuda_peak(runner: Runner, device: torch.device) -> float:
+    runner.step()
+    harness.sync(device)
+    harness.reset_peak(device)
+    runner.step()
+    harness.sync(device)
+    return harness.peak_mb(device)
+
+
+def _cpu_peak(network: str, config: Config, args: argparse.Namespace) -> float:
+    probe = {"network": network, "config": asdict(config),
              "args": {k: v for k, v in vars(args).items() if k != "memory_probe"}}
     return harness.measure_in_subprocess(Path(__file__).resolve(), probe)["peak_mb"]
 
@@ -349,6 +359,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--probe-jobs", type=int, default=1,
+                        help="CPU memory probes run side by side (default 1; each is its own process)")
     parser.add_argument("--quick", action="store_true",
                         help="16^3, batch 1, 1 round and four configurations: checks that everything runs")
     parser.add_argument("--out", default=None, help="output path without suffix (default ./bench_methods_<device>)")
@@ -356,7 +368,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.size = args.size or 16
-        args.batch, args.warmup, args.rounds = 1, 1, 1
+        args.batch, args.warmup, args.rounds, args.probe_jobs = 1, 1, 1, max(args.probe_jobs, 2)
     args.size = args.size or (96 if args.device.startswith("cuda") else 64)
     args.out = args.out or f"bench_methods_{args.device.split(':')[0]}"
     return args
@@ -370,8 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device {args.device}: no CUDA device is available", file=sys.stderr)
         return 2
-    if args.size % 8 or args.size < 8 or args.batch < 1 or args.rounds < 1 or args.warmup < 0 or min(args.ranks) < 1:
-        print("error: --size must be a multiple of 8, --batch/--rounds/ranks >= 1, --warmup >= 0", file=sys.stderr)
+    if (args.size % 8 or args.size < 8 or args.batch < 1 or args.rounds < 1 or args.warmup < 0 or min(args.ranks) < 1
+            or args.probe_jobs < 1):
+        print("error: --size must be a multiple of 8, --batch/--rounds/--probe-jobs/ranks >= 1, --warmup >= 0",
+              file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:

@@ -161,8 +161,8 @@ def adapt(
             :mod:`monai_peft.memory` (the adapter file is unchanged).
         method_kwargs: method options: ConvAdapter ``gamma``, ``insertion``, ``adapter_conv``, ``kernel_size``,
             ``activation``; LoRA ``r`` (int or ``"dynamic"``), ``lora_alpha``, ``lora_dropout``, ``init_pca``, ``fused``
-            (``True``: each conv trains as one conv with the merged kernel, with the faster backward per layer;
-            ``"merged"`` / ``"factored"`` force one; needs ``lora_dropout=0``);
+            (default: each conv trains as one conv with the merged kernel, with the faster backward per layer, unless
+            ``lora_dropout > 0``; ``"merged"`` / ``"factored"`` force one backward, ``False`` runs peft's layers);
             SSF ``scale``, ``shift``.
 
     Returns:
