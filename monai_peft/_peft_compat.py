@@ -52,6 +52,8 @@ SUPPORTED_PEFT = ">=0.21,<0.22"
 MONAI_PEFT_TYPES: dict[str, tuple[str, str]] = {
     "CONV_ADAPTER": ("conv_adapter", "conv_adapter_"),
     "SSF": ("ssf", "ssf_"),
+    "VPT": ("vpt", "vpt_"),
+    "BOTTLENECK_ADAPTER": ("bottleneck_adapter", "bottleneck_"),
 }
 
 
@@ -84,8 +86,11 @@ def register_monai_peft_methods() -> None:
 
     from monai_peft.tuners.conv_adapter import ConvAdapterConfig, ConvAdapterModel
     from monai_peft.tuners.ssf import SSFConfig, SSFModel
+    from monai_peft.tuners.bottleneck import BottleneckAdapterConfig, BottleneckAdapterModel
+    from monai_peft.tuners.vpt import VPTConfig, VPTModel
 
     classes = {"CONV_ADAPTER": (ConvAdapterConfig, ConvAdapterModel), "SSF": (SSFConfig, SSFModel)}
+    classes.update(VPT=(VPTConfig, VPTModel), BOTTLENECK_ADAPTER=(BottleneckAdapterConfig, BottleneckAdapterModel))
     for type_name, (method, prefix) in MONAI_PEFT_TYPES.items():
         peft_type = add_peft_type(type_name)
         if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:

@@ -1,8 +1,9 @@
 """One entry point for every fine-tuning method of the thesis: :func:`adapt`.
 
-PEFT methods (ConvAdapter, LoRA, SSF, BitFit) and the selective baselines (full, decoder-only, head-only/linear
-probing, norm-layer tuning) all come back as a ``peft.PeftModel``, so saving, loading, named adapters, disabling and
-(where the maths allows) merging work the same way for all of them. The selective baselines use peft's own
+PEFT methods (ConvAdapter, LoRA, SSF, BitFit; for transformers visual prompts and bottleneck adapters) and the
+selective baselines (full, decoder-only, head-only/linear probing, norm-layer tuning) all come back as a
+``peft.PeftModel``, so saving, loading, named adapters, disabling and (where the maths allows) merging work the same
+way for all of them. The selective baselines use peft's own
 ``LNTuningConfig``, which keeps a trainable copy of each selected module per adapter name: the adapter file of
 "decoder-only" holds the decoder, and one frozen backbone serves many of them.
 """
@@ -23,15 +24,17 @@ from monai_peft.regions import _unwrap, regions_of
 from monai_peft.targeting import (
     SPATIAL_CONV, ModuleType, Selector, SelectorLike, as_selector, exact_names_regex, resolve_targets,
 )
+from monai_peft.tuners.bottleneck import BottleneckAdapterConfig, default_bottleneck_targets
 from monai_peft.tuners.conv_adapter import ConvAdapterConfig
 from monai_peft.tuners.frozen_norm import keep_frozen_batchnorm_statistics
 from monai_peft.tuners.module_types import CONV_TYPES, NORM_TYPES
 from monai_peft.tuners.ssf import SSFConfig
 from monai_peft.tuners.ssf.layer import SUPPORTED_TYPES as SSF_TYPES
+from monai_peft.tuners.vpt import VPTConfig, default_vpt_targets
 
 __all__ = ["METHODS", "adapt", "default_targets", "RESIDUAL_BLOCK_TYPES", "register_residual_block"]
 
-METHODS = ("convadapter", "lora", "ssf", "bitfit", "norm", "full", "decoder", "head")
+METHODS = ("convadapter", "lora", "ssf", "bitfit", "norm", "full", "decoder", "head", "vpt", "bottleneck")
 
 # Blocks that the residual-parallel ConvAdapter scheme wraps by default (thesis Table 5.3 "ResBlock parallel").
 RESIDUAL_BLOCK_TYPES: list[type[nn.Module]] = [ResBlock, ResidualUnit]
@@ -71,8 +74,8 @@ def _backbone(model: nn.Module) -> Selector:
     return _AnyOf(tuple(r for r in ("encoder", "decoder") if r in declared))
 
 
-def default_targets(model: nn.Module, method: str) -> Selector:
-    """The selector :func:`adapt` uses when ``target`` is not given.
+def default_targets(model: nn.Module, method: str, insertion: str = "sequential") -> Selector:
+    """The selector :func:`adapt` uses when ``target`` is not given (``insertion``: bottleneck adapters only).
 
     - ``convadapter``: residual blocks (:data:`RESIDUAL_BLOCK_TYPES`) in encoder + decoder (thesis Table 5.3,
       best SegResNet placement); spatial (k > 1) convs there, the 1-channel input conv included, if the network has
@@ -81,7 +84,9 @@ def default_targets(model: nn.Module, method: str) -> Selector:
       :mod:`monai_peft._peft_compat`;
     - ``ssf``: convs, norms and linear layers in encoder + decoder;
     - ``bitfit``: every conv/norm/linear layer that has a bias, anywhere;
-    - ``norm``: every norm layer; ``head``: the head region; ``decoder``: decoder + head; ``full``: everything.
+    - ``norm``: every norm layer; ``head``: the head region; ``decoder``: decoder + head; ``full``: everything;
+    - ``vpt``: every transformer block of a known family (Segformer: each block's attention), anywhere;
+    - ``bottleneck``: the attention and MLP branches of those blocks (for ``insertion``), anywhere.
 
     "Encoder + decoder" is the whole network when the architecture declares no regions.
     """
@@ -107,6 +112,10 @@ def default_targets(model: nn.Module, method: str) -> Selector:
         return as_selector("decoder") | as_selector("head")
     if method == "full":
         return _TopLevelWithParams()
+    if method == "vpt":  # monai_peft.tuners.transformer_blocks: the block families; a CNN is a ValueError here
+        return as_selector(default_vpt_targets(model))
+    if method == "bottleneck":
+        return as_selector(default_bottleneck_targets(model, insertion))
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
 
 
@@ -147,7 +156,8 @@ def adapt(
 
     Args:
         model: a network (``nn.Module``) or a ``PeftModel`` to which a further named adapter is added.
-        method: one of ``convadapter``, ``lora``, ``ssf``, ``bitfit``, ``norm``, ``full``, ``decoder``, ``head``.
+        method: one of ``convadapter``, ``lora``, ``ssf``, ``bitfit``, ``norm``, ``full``, ``decoder``, ``head``,
+            ``vpt`` (visual prompts), ``bottleneck`` (bottleneck adapters).
         target: what to adapt: a :class:`~monai_peft.Selector`, region name, regex or list of module names;
             ``None`` uses :func:`default_targets`.
         train_fully: modules that train fully besides the adapters, e.g. ``"head"`` when the head was rebuilt for a
@@ -163,7 +173,10 @@ def adapt(
             ``activation``; LoRA ``r`` (int or ``"dynamic"``), ``lora_alpha``, ``lora_dropout``, ``init_pca``, ``fused``
             (default: each conv trains as one conv with the merged kernel, with the faster backward per layer, unless
             ``lora_dropout > 0``; ``"merged"`` / ``"factored"`` force one backward, ``False`` runs peft's layers);
-            SSF ``scale``, ``shift``.
+            SSF ``scale``, ``shift``; VPT ``variant`` (``"deep"`` default, ``"shallow"``), ``num_tokens``,
+            ``prompt_dropout``; bottleneck ``insertion`` (``"sequential"`` = Houlsby, default; ``"parallel"``),
+            ``bottleneck_size``, ``activation``, ``scale`` (any other ``VPTConfig`` / ``BottleneckAdapterConfig`` field
+            too).
 
     Returns:
         a ``peft.PeftModel`` (``print_trainable_parameters()``, ``save_pretrained()``, ``merge_and_unload()`` for
@@ -182,7 +195,8 @@ def adapt(
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
     checkpointing = checkpoint_mode(activation_checkpointing)
     base = _unwrap(model)
-    selector = default_targets(base, method) if target is None else as_selector(target)
+    insertion = method_kwargs.get("insertion", "sequential")
+    selector = default_targets(base, method, insertion) if target is None else as_selector(target)
     whole_modules = method in ("norm", "full", "decoder", "head")
     targets = resolve_targets(base, selector, outermost=whole_modules)
     if whole_modules:
@@ -217,6 +231,9 @@ def adapt(
         if method == "bitfit":
             method_kwargs = {"scale": False, "shift": True, **method_kwargs}
         config = SSFConfig(target_modules=exact_names_regex(targets), modules_to_save=to_save, **method_kwargs)
+    elif method in ("vpt", "bottleneck"):
+        config_cls = VPTConfig if method == "vpt" else BottleneckAdapterConfig
+        config = config_cls(target_modules=exact_names_regex(targets), modules_to_save=to_save, **method_kwargs)
     else:
         if method_kwargs:
             raise ValueError(f"method {method!r} takes no options, got {sorted(method_kwargs)}.")

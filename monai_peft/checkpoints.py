@@ -173,9 +173,10 @@ def write_suprem_layout_checkpoint(
 ) -> Path:
     """Write ``model``'s weights in the exact layout of SuPreM's released file (for tests and demos).
 
-    The backbone tensors are ``model``'s own; the output layer is replaced by one for ``pretrain_classes``
-    classes (as in SuPreM's files, whose head does not match the target task), and for ``"unet"`` the
-    CLIP-driven Universal Model's text-driven head keys are added. Written atomically.
+    The backbone tensors are ``model``'s own. For ``"segresnet"`` the output layer is replaced by one for
+    ``pretrain_classes`` classes (as in SuPreM's file, whose head does not match the target task); for ``"unet"``
+    the output layer is left out and the CLIP-driven Universal Model's text-driven head keys are added instead, as
+    in SuPreM's released file (``tests/data/*.net.keys.json`` hold the released layouts). Written atomically.
 
     Args:
         model: a SuPreM SegResNet or UNet3D.
@@ -192,6 +193,8 @@ def write_suprem_layout_checkpoint(
     net: dict[str, torch.Tensor] = {}
     prefix = "module." if key == "segresnet" else "module.backbone."
     for name, tensor in model.state_dict().items():
+        if name.startswith(head) and key == "unet":
+            continue  # SuPreM's universal model segments with its text-driven head, not with out_tr
         if name.startswith(head):
             shape = (pretrain_classes, *tensor.shape[1:])
             tensor = torch.randn(shape, generator=gen) * 0.01

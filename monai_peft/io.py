@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "atomic_folder",
     "atomic_path",
     "atomic_replace_dir",
     "atomic_save_figure",
@@ -249,3 +250,28 @@ def atomic_replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike)
     if old.exists():
         shutil.rmtree(old)
     return final
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``path``; on normal exit it replaces ``path`` (:func:`atomic_replace_dir`).
+
+    The folder (``.<name>.XXXXXXXX``, mode of a normally created folder) is filled by the block; if the block
+    raises, it is removed, ``path`` is left as it was and the exception propagates.
+
+    Args:
+        path: the final folder.
+
+    Yields:
+        The temporary folder.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        os.chmod(tmp, 0o777 & ~_current_umask())
+        yield tmp
+        atomic_replace_dir(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

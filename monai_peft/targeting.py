@@ -14,6 +14,7 @@ from typing import Union
 from torch import nn
 
 from monai_peft.regions import _unwrap, module_in_region, regions_of
+from monai_peft.tuners._common import exact_names_regex
 from monai_peft.tuners.module_types import CONV_TYPES, NORM_TYPES
 
 __all__ = [
@@ -170,12 +171,6 @@ class _RegionOrRegex(Selector):
 
     def __repr__(self) -> str:
         return repr(self.text)
-
-
-def exact_names_regex(names: Sequence[str]) -> str:
-    """A regex matching exactly these module names, for peft's ``target_modules`` (a list there would also match
-    every module whose name merely *ends* with one of them, e.g. ``conv_0`` and ``conv_0.conv_0``)."""
-    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
 
 
 SPATIAL_CONV: Selector = ModuleType(*CONV_TYPES) & KernelSize(2)

@@ -272,7 +272,8 @@ def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     """Read an adapter file: ``(tensors, metadata)``.
 
     Raises:
-        FileNotFoundError / ValueError: missing file, or a safetensors file without the plugin's metadata.
+        FileNotFoundError / ValueError: missing file, a file that is not safetensors (named), or a safetensors file
+            without the plugin's metadata.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -280,11 +281,16 @@ def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {str(path)!r} does not exist.")
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError ("header too large", ...)
+        raise ValueError(f"adapter file {path}: not a safetensors file ({e}); expected the "
+                         "checkpoint_*.adapter.safetensors an nnunet_plugin trainer writes.") from e
     if ADAPTER_METADATA_KEY not in header:
         raise ValueError(f"{path}: no {ADAPTER_METADATA_KEY!r} metadata; not written by nnunet_plugin.")
-    return load_file(str(path)), json.loads(header[ADAPTER_METADATA_KEY])
+    return tensors, json.loads(header[ADAPTER_METADATA_KEY])
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike, save_fn: Optional[Any] = None) -> None:

@@ -273,15 +273,19 @@ def build_peft_network(network: nn.Module, method: str, settings: PEFTSettings) 
 def build_suprem_peft_network(network: nn.Module, method: str, settings: PEFTSettings, backbone: str) -> nn.Module:
     """Adapt a SuPreM backbone (``monai_peft.networks.suprem_backbone``) for use inside nnU-Net.
 
-    The regions (encoder / decoder / head) are the core library's; the head (``conv_final``) is rebuilt for the
-    new label count and trains fully. ConvAdapter ``residual-*`` wraps the ResBlocks (thesis Table 5.3, best
-    SegResNet placement), ``conv-*`` every spatial conv; LoRA targets spatial convs; SSF the core defaults.
+    The regions (encoder / decoder / head) are the core library's; the head (SegResNet ``conv_final``, UNet3D
+    ``out_tr``) is rebuilt for the new label count and trains fully. ConvAdapter ``residual-*`` wraps the
+    ResBlocks (thesis Table 5.3, best SegResNet placement), ``conv-*`` every spatial conv (UNet3D: both LUConv
+    convs of every transition, Table 5.4); LoRA targets spatial convs; SSF every conv and norm. UNet3D's frozen
+    batch norms keep batch statistics without updating their buffers (``adapt()`` applies
+    :func:`monai_peft.tuners.frozen_norm.keep_frozen_batchnorm_statistics` to every frozen batch norm).
 
     Args:
         network: the backbone, ``(B, 1, H, W, D)`` -> ``(B, K, H, W, D)``.
         method: one of :data:`SUPREM_METHODS`.
         settings: rank / gamma / placement / target regions.
-        backbone: ``"segresnet"`` (recorded so ``-pretrained_weights`` reads SuPreM's checkpoint layout).
+        backbone: ``"segresnet"`` or ``"unet"`` (recorded so ``-pretrained_weights`` reads SuPreM's checkpoint
+            layout).
     """
     if method not in SUPREM_METHODS:
         raise ValueError(f"SuPreM trainers support methods {SUPREM_METHODS}, got {method!r}.")

@@ -24,9 +24,11 @@ from torch import nn
 
 from monai_peft.io import atomic_write_json
 
-from nnunet_plugin.checkpoints import atomic_torch_save, file_sha256, load_adapter_file, load_pretrained_backbone
+from nnunet_plugin.checkpoints import (
+    adapter_state_dict, atomic_torch_save, file_sha256, load_adapter_file, load_pretrained_backbone,
+)
 
-__all__ = ["rebuild_network", "predictor_from_adapter", "export_model_folder", "trainer_class"]
+__all__ = ["rebuild_network", "load_adapter_tensors", "predictor_from_adapter", "export_model_folder", "trainer_class"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +58,17 @@ def rebuild_network(
         ``(network, metadata)``: the network in eval mode without deep supervision, on CPU; the adapter metadata.
 
     Raises:
-        ValueError: the base file differs from the one the adapter was trained on, or the adapter tensors do not
-            fit the rebuilt network (names the file and the first keys).
+        ValueError: the base file differs from the one the adapter was trained on, the adapter file is not
+            safetensors, lacks tensors the rebuilt network needs, or has tensors that do not fit it (names the file
+            and the first keys).
     """
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     tensors, meta = load_adapter_file(adapter_file)
+    lacking = [k for k in ("trainer", "plans", "configuration", "dataset_json") if k not in meta]
+    if lacking:
+        raise ValueError(f"{adapter_file}: the adapter metadata lacks {lacking}; write it with an nnunet_plugin trainer.")
     recorded = (meta.get("base_weights") or {}).get("sha256")
     if check_base and recorded and recorded != file_sha256(base_weights):
         raise ValueError(
@@ -77,13 +83,36 @@ def rebuild_network(
         plans_manager, configuration, determine_num_input_channels(plans_manager, configuration, dataset_json),
         plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
     load_pretrained_backbone(network, base_weights)
-    model_keys = set(network.state_dict().keys())
-    unknown = sorted(set(tensors) - model_keys)
-    if unknown:
-        raise ValueError(f"{adapter_file}: {len(unknown)} tensors do not fit the rebuilt network, e.g. {unknown[:3]}.")
-    network.load_state_dict(tensors, strict=False)
+    load_adapter_tensors(network, tensors, adapter_file, meta.get("trainer", "plugin"))
     network.eval()
     return network, meta
+
+
+def load_adapter_tensors(network: nn.Module, tensors: dict[str, torch.Tensor], adapter_file: Union[str, os.PathLike],
+                         trainer: str = "plugin") -> None:
+    """Load an adapter file's tensors into a network whose base weights are loaded, strictly.
+
+    Every tensor the base checkpoint cannot restore (:func:`~nnunet_plugin.checkpoints.adapter_state_dict`:
+    adapters, seg layers, trained modules) must be in the file, with the network's shape, and the file may hold
+    nothing else; otherwise those layers would silently predict with their initial values.
+
+    Raises:
+        ValueError: naming the file and the first missing, unknown or mis-shaped tensors.
+    """
+    state = network.state_dict()
+    unknown = sorted(set(tensors) - set(state))
+    if unknown:
+        raise ValueError(f"{adapter_file}: {len(unknown)} tensors do not fit the rebuilt network, e.g. {unknown[:3]}.")
+    missing = sorted(set(adapter_state_dict(network)) - set(tensors))
+    if missing:
+        raise ValueError(f"{adapter_file}: {len(missing)} adapter tensors of the rebuilt {trainer} network are "
+                         f"missing, e.g. {missing[:3]}; the file is incomplete or from another trainer/settings.")
+    shapes = [f"{k}: file {tuple(v.shape)} vs network {tuple(state[k].shape)}" for k, v in tensors.items()
+              if tuple(v.shape) != tuple(state[k].shape)]
+    if shapes:
+        raise ValueError(f"{adapter_file}: {len(shapes)} tensors have another shape than the rebuilt network, e.g. "
+                         f"{'; '.join(shapes[:3])}.")
+    network.load_state_dict(tensors, strict=False)  # the other tensors came from the base file
 
 
 def predictor_from_adapter(

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 __all__ = [
     "PLANS_FIELD", "ENV_VARS", "PEFTSettings", "PLACEMENTS", "resolve_settings", "training_length",
-    "final_validation_enabled", "speed_options",
+    "final_validation_enabled", "random_backbone_allowed", "speed_options",
 ]
 
 PLANS_FIELD = "monai_peft"
@@ -31,6 +31,7 @@ ENV_VARS: dict[str, str] = {
     "target": "nnUNet_peft_target",
     "lr": "nnUNet_peft_lr",
     "final_validation": "nnUNet_peft_final_validation",
+    "allow_random_backbone": "nnUNet_peft_allow_random_backbone",
     "lora_fused": "nnUNet_peft_lora_fused",
     "activation_checkpointing": "nnUNet_peft_activation_checkpointing",
 }
@@ -155,6 +156,18 @@ def training_length(environ: Optional[Mapping[str, str]] = None) -> dict[str, in
     return out
 
 
+def _flag(name: str, default: bool, environ: Optional[Mapping[str, str]]) -> bool:
+    environ = os.environ if environ is None else environ
+    raw = _from_env(name, environ)
+    if raw is None:
+        return default
+    if raw.lower() in ("1", "true", "yes", "t"):
+        return True
+    if raw.lower() in ("0", "false", "no", "f"):
+        return False
+    raise ValueError(f"{ENV_VARS[name]} must be 0 or 1, got {raw!r}.")
+
+
 def final_validation_enabled(environ: Optional[Mapping[str, str]] = None) -> bool:
     """``nnUNet_peft_final_validation`` (default ``1``): ``0`` skips the validation nnU-Net runs right after
     training (for smoke runs; ``nnUNetv2_train ... --val`` still validates later).
@@ -162,15 +175,18 @@ def final_validation_enabled(environ: Optional[Mapping[str, str]] = None) -> boo
     Raises:
         ValueError: a value other than 0/1/true/false/yes/no (names the variable).
     """
-    environ = os.environ if environ is None else environ
-    raw = _from_env("final_validation", environ)
-    if raw is None:
-        return True
-    if raw.lower() in ("1", "true", "yes", "t"):
-        return True
-    if raw.lower() in ("0", "false", "no", "f"):
-        return False
-    raise ValueError(f"{ENV_VARS['final_validation']} must be 0 or 1, got {raw!r}.")
+    return _flag("final_validation", True, environ)
+
+
+def random_backbone_allowed(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """``nnUNet_peft_allow_random_backbone`` (default ``0``): ``1`` lets a PEFT trainer start without
+    ``-pretrained_weights``, i.e. train adapters on a frozen *random* backbone (smoke tests, ablations). Without it
+    such a run stops before the first epoch.
+
+    Raises:
+        ValueError: a value other than 0/1/true/false/yes/no (names the variable).
+    """
+    return _flag("allow_random_backbone", False, environ)
 
 
 def speed_options(method: str, environ: Optional[Mapping[str, str]] = None) -> dict[str, Any]:

@@ -17,6 +17,9 @@ Order of events in nnU-Net 2.8 and where the plugin acts:
    (CPU mapping, ``weights_only=True``, clear errors). Other networks go to nnU-Net's own function unchanged.
 4. ``save_checkpoint``: nnU-Net's checkpoint (written atomically) plus ``<name>.adapter.safetensors``.
 5. ``--c`` / ``--val``: ``load_checkpoint`` reads the file safely and adopts the settings stored in it.
+6. ``on_epoch_end``: the run record ``<fold>/results.json`` gets the epoch's history entry (train loss, nnU-Net's
+   pseudo Dice per class, lr, seconds), the layout of monai-peft's MONAI workflows, so ``monai-peft curves`` and
+   the thesis tables read nnU-Net runs too.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ from nnunet_plugin.distributed import peft_ddp_wrapping
 from nnunet_plugin.network import (
     PLAIN_KEYS_ATTR, base_network, build_peft_network, build_suprem_peft_network, unwrap_network,
 )
-from nnunet_plugin.settings import PLANS_FIELD, final_validation_enabled, resolve_settings, training_length
+from nnunet_plugin.settings import (
+    ENV_VARS, PLANS_FIELD, final_validation_enabled, random_backbone_allowed, resolve_settings, training_length,
+)
 
 __all__ = [
     "nnUNetTrainerPEFT", "nnUNetTrainerConvAdapter", "nnUNetTrainerConvAdapterSequential",
@@ -50,6 +55,7 @@ __all__ = [
     "nnUNetTrainerNormTuning", "nnUNetTrainerDecoderOnly", "nnUNetTrainerHeadOnly", "nnUNetTrainerFull",
     "nnUNetTrainerSuPreMPEFT", "nnUNetTrainerSuPreMSegResNetConvAdapter", "nnUNetTrainerSuPreMSegResNetLoRA",
     "nnUNetTrainerSuPreMSegResNetSSF", "nnUNetTrainerSuPreMSegResNetDecoderOnly", "nnUNetTrainerSuPreMSegResNetFull",
+    "nnUNetTrainerSuPreMUNet3DConvAdapter", "nnUNetTrainerSuPreMUNet3DLoRA", "nnUNetTrainerSuPreMUNet3DSSF",
     "install_pretrained_loader",
 ]
 
@@ -161,9 +167,17 @@ class nnUNetTrainerPEFT(nnUNetTrainer):
                 f"monai-peft: pretrained weights {pretrained['file']}: {pretrained['loaded']} tensors loaded, "
                 f"{len(pretrained['skipped'])} skipped ({', '.join(pretrained['skipped'][:4])}), "
                 f"{pretrained['left_at_init']} adapter / seg-layer tensors left at their initialisation")
-        elif self.peft_method != "full" and self.current_epoch == 0:
+        elif self.peft_method != "full" and self.current_epoch == 0 and self._resumed_base_weights is None:
+            # nothing frozen is worth training around unless it holds pretrained weights
+            if not random_backbone_allowed():
+                raise PretrainedWeightsError(
+                    f"{self.__class__.__name__}: no -pretrained_weights given, so the frozen backbone would keep its "
+                    "random initialisation and only the adapters would train. Pass -pretrained_weights FILE, or set "
+                    f"{ENV_VARS['allow_random_backbone']}=1 to train on a random frozen backbone on purpose."
+                )
             self.print_to_log_file(
-                "WARNING: no -pretrained_weights loaded: the frozen backbone keeps its random initialisation.")
+                f"WARNING: no -pretrained_weights loaded ({ENV_VARS['allow_random_backbone']}=1): the frozen backbone "
+                "keeps its random initialisation.")
         super().on_train_start()
 
     # -- checkpoints ----------------------------------------------------------------------------------------
@@ -243,6 +257,45 @@ class nnUNetTrainerPEFT(nnUNetTrainer):
             self.print_to_log_file("monai-peft: nnUNet_peft_final_validation=0: validation skipped (run --val later).")
             return
         super().perform_actual_validation(save_probabilities)
+
+    def on_epoch_end(self) -> None:
+        super().on_epoch_end()
+        if self.local_rank == 0:
+            self._write_run_record()
+
+    def _class_names(self, n: int) -> list[str]:
+        labels = {str(k): v for k, v in (self.dataset_json.get("labels") or {}).items()}
+        names = [k for k, v in sorted(labels.items(), key=lambda kv: str(kv[1])) if v not in (0, "0", [0])]
+        return names if len(names) == n else [str(i + 1) for i in range(n)]
+
+    def _write_run_record(self) -> None:
+        """``results.json`` beside the checkpoints: parameters and the per-epoch history (nnU-Net's log values)."""
+        from monai_peft.handlers.run_record import history_entry
+        from monai_peft.workflows.records import update_run_record
+
+        log = self.logger.get_value
+        starts, ends = log("epoch_start_timestamps", step=None), log("epoch_end_timestamps", step=None)
+        losses, lrs = log("train_losses", step=None), log("lrs", step=None)
+        dice, per_class = log("mean_fg_dice", step=None), log("dice_per_class_or_region", step=None)
+        history, elapsed = [], 0.0
+        for e in range(min(len(starts), len(ends))):
+            elapsed += ends[e] - starts[e]
+            names = self._class_names(len(per_class[e])) if e < len(per_class) else []
+            history.append(history_entry(
+                e + 1, losses[e] if e < len(losses) else None, lrs[e] if e < len(lrs) else None, ends[e] - starts[e],
+                elapsed, dice[e] if e < len(dice) else None,
+                dict(zip(names, map(float, per_class[e]))) if e < len(per_class) else None))
+        module = unwrap_network(self.network)
+        n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in module.parameters())
+        update_run_record(Path(self.output_folder) / "results.json", {
+            "method": self.peft_method, "trainer": self.__class__.__name__,
+            "backbone": getattr(self, "suprem_backbone", None) or "nnunet",
+            "parameters": {"trainable": n_train, "total": n_all, "trainable_percent": 100.0 * n_train / max(n_all, 1)},
+            # nnU-Net validates on sampled patches during training ("pseudo Dice"), not on whole volumes
+            "evaluation": {"protocol": "nnunet_pseudo_dice", "patch_size": list(self.configuration_manager.patch_size)},
+            "history": history,
+        })
 
     def on_train_end(self) -> None:
         self._just_trained = True
@@ -340,6 +393,9 @@ class nnUNetTrainerSuPreMPEFT(nnUNetTrainerPEFT):
     ``-pretrained_weights`` takes SuPreM's checkpoint (``supervised_suprem_segresnet_2100.pth`` layout). The MONAI
     backbone has one output, so deep supervision is off; the plans' patch size must be divisible by 8. Note that
     nnU-Net normalises CT by its dataset percentiles, not SuPreM's fixed window (thesis Table 4.3).
+    ``suprem_backbone`` selects SegResNet (``supervised_suprem_segresnet_2100.pth``) or UNet3D
+    (``supervised_suprem_unet_2100.pth``, batch-statistics batch norm, see
+    :mod:`monai_peft.tuners.frozen_norm`: frozen ones keep their stored buffers).
     """
 
     peft_method = "convadapter"
@@ -363,7 +419,7 @@ class nnUNetTrainerSuPreMPEFT(nnUNetTrainerPEFT):
         bad = [s for s in configuration_manager.patch_size if s % 8]
         if bad:
             raise ValueError(f"{cls.__name__}: patch_size {configuration_manager.patch_size} in the plans must be "
-                             "divisible by 8 for SegResNet.")
+                             f"divisible by 8 for SuPreM's {cls.suprem_backbone} (3 downsamplings).")
         stored = plans_manager.plans.get(PLANS_FIELD)
         settings = resolve_settings(cls.peft_defaults, plans_manager.plans, use_env=stored is None)
         network = suprem_backbone(cls.suprem_backbone, num_output_channels)
@@ -402,6 +458,29 @@ class nnUNetTrainerSuPreMSegResNetFull(nnUNetTrainerSuPreMPEFT):
     """SuPreM SegResNet fully fine-tuned (thesis 4.2.4 baseline)."""
 
     peft_method = "full"
+    peft_defaults = {}
+
+
+class nnUNetTrainerSuPreMUNet3DConvAdapter(nnUNetTrainerSuPreMPEFT):
+    """SuPreM UNet3D + ConvAdapter parallel to both LUConv convs of every transition (thesis Table 5.4)."""
+
+    suprem_backbone = "unet"
+    peft_defaults = {"placement": "conv-parallel", "gamma": 4}
+
+
+class nnUNetTrainerSuPreMUNet3DLoRA(nnUNetTrainerSuPreMPEFT):
+    """SuPreM UNet3D + LoRA rank 16 on its spatial convs (thesis Table 5.1)."""
+
+    suprem_backbone = "unet"
+    peft_method = "lora"
+    peft_defaults = {"rank": 16}
+
+
+class nnUNetTrainerSuPreMUNet3DSSF(nnUNetTrainerSuPreMPEFT):
+    """SuPreM UNet3D + SSF after its convs and norms."""
+
+    suprem_backbone = "unet"
+    peft_method = "ssf"
     peft_defaults = {}
 
 

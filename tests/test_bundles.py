@@ -209,12 +209,12 @@ def test_unet_bundle_lora_preset_export_evaluate_infer(world):
 def test_segresnet_bundle_ddp_two_processes_on_cpu(world):
     from monai_peft.data import write_phantom_dataset
 
-    # 8 cases: 2 validation cases, one per rank (MONAI's DistributedSampler needs at least one per rank)
+    # 8 cases, meta.csv's split: 2 validation cases, one per rank (MONAI's DistributedSampler needs one per rank)
     data = world / "data_ddp"
     write_phantom_dataset(data, 8, (24, 24, 24), seed=1)
     out = world / "run_ddp"
     args = _run_args(world, ["configs/train.json", "configs/multi_gpu_train.json"], "segresnet", out,
-                     max_epochs="1", batch_size="1")
+                     max_epochs="1", batch_size="1", split_source="meta")
     args[args.index("--dataset_dir") + 1] = str(data)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
            *args]
@@ -310,8 +310,38 @@ def test_missing_dataset_dir_is_a_clear_error(world):
     proc = subprocess.run([sys.executable, *args], cwd=world / SEG, env=_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0
-    assert f"--dataset_dir {missing} does not exist" in proc.stderr
-    assert "ignite/engine" not in proc.stderr  # it fails while reading the config, before any engine runs
+    # the last line names the cause (not MONAI's "Failed to evaluate ..."), and nothing ran before the check
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --dataset_dir {missing} does not exist")
+    assert "Traceback" not in proc.stderr and "ignite" not in proc.stderr
+
+
+def test_bundle_inputs_accept_what_the_command_line_can_pass(world, tmp_path, monkeypatch):
+    """MONAI's command line drops `--key None`; `none`, `null`, '' and `all` (split) are what it can pass."""
+    from monai_peft.workflows.bundle_inputs import BundleInputError, check_inputs, optional_split, pretrained_file
+
+    assert all(pretrained_file(v) is None for v in (None, "", "none", "None", "null"))
+    assert [optional_split(v) for v in ("all", "none", "", "test")] == [None, None, None, "test"]
+    with pytest.raises(BundleInputError, match=r"^error: --split 'tst': expected one of"):
+        optional_split("tst")
+    with pytest.raises(BundleInputError, match=r"^error: --pretrained .*missing\.pth: no such file; .*--pretrained none"):
+        pretrained_file(tmp_path / "missing.pth")
+    ok = check_inputs(world / "data", "organs", "segresnet-ssf-encdec", "segresnet", "none", roi_size=[16, 16, 16])
+    assert ok["cases"] == 4 and len(ok["class_names"]) == 17
+    bad = {
+        "--classes: unknown structure name 'livr' (did you mean 'liver'?)": dict(classes=["livr", "spleen"]),
+        "--peft#preset unet3d-lora-encdec-r16: a preset of the unet backbone": dict(preset="unet3d-lora-encdec-r16"),
+        "--roi_size [20, 16, 16]: expected three sizes divisible by 8": dict(roi_size=[20, 16, 16]),
+        "--pretrained nope.pth: no such file": dict(pretrained="nope.pth"),
+    }
+    for message, override in bad.items():
+        args = dict(dataset_dir=world / "data", classes="organs", preset="segresnet-ssf-encdec",
+                    backbone="segresnet", pretrained="none", roi_size=[16, 16, 16]) | override
+        with pytest.raises(BundleInputError) as info:
+            check_inputs(**args)
+        assert str(info.value).startswith("error: " + message), str(info.value)
+    monkeypatch.setenv("MONAI_PEFT_DEBUG", "1")  # the original exception, for its traceback
+    with pytest.raises(ValueError, match="livr"):
+        check_inputs(world / "data", ["livr"], need_labels=False)
 
 
 def test_no_label_files_and_wrong_class_count_are_clear_errors(world, tmp_path):

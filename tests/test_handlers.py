@@ -241,6 +241,31 @@ def test_parameter_report_and_frozen_fingerprint(tmp_path):
     assert read_run_record(tmp_path / "r2.json")["frozen_backbone"]["unchanged"] is False
 
 
+def test_run_record_tells_the_truth_about_the_frozen_backbone(tmp_path):
+    """Full fine-tuning freezes nothing: no fingerprint. A frozen bfloat16 backbone is hashed by its bytes."""
+    def net():
+        return SegResNet(spatial_dims=3, init_filters=8, blocks_down=(1,), blocks_up=(), in_channels=1, out_channels=2)
+
+    # pretraining (a plain network) and full fine-tuning (peft keeps idle frozen originals beside trained copies)
+    for name, full in (("plain", net()), ("full", monai_peft.adapt(net(), "full"))):
+        engine = Engine(lambda e, b: None)
+        ParameterReportHandler(full, record_path=tmp_path / f"{name}.json").attach(engine)
+        engine.run([0], max_epochs=1)
+        assert read_run_record(tmp_path / f"{name}.json")["frozen_backbone"] is None, name
+        assert frozen_fingerprint(full) is None and engine.state.frozen_unchanged is None
+    head_only = monai_peft.adapt(net(), "head")  # the head (conv_final) trains as a copy; its idle original is not
+    backbone = [n for n, p in head_only.named_parameters() if not p.requires_grad and "conv_final" not in n]
+    assert frozen_fingerprint(head_only)["tensors"] == len(backbone) > 0
+
+    half = monai_peft.adapt(_net(3), "lora", r=2).to(torch.bfloat16)  # every frozen tensor is in the forward path
+    first = frozen_fingerprint(half)
+    frozen = [p for p in half.parameters() if not p.requires_grad]
+    assert first["tensors"] == len(frozen) and first["parameters"] == sum(p.numel() for p in frozen)
+    with torch.no_grad():  # flip the lowest mantissa bit of one value: another hash
+        frozen[0].view(-1).view(torch.int16)[0] ^= 1
+    assert frozen_fingerprint(half)["sha256"] != first["sha256"]
+
+
 def test_run_record_merges_nested_sections_atomically(tmp_path):
     path = tmp_path / "results.json"
     update_run_record(path, {"costs": {"train_s_per_volume": 2.1}, "method": "lora"})

@@ -114,11 +114,19 @@ def test_protoseg_real_ct_end_to_end(tmp_path, capsys):
     assert sam.shape == (48, 48, 32)
 
 
-def test_cli_errors_name_the_argument(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--image"):
-        run_command("gradcam", ["--image", str(tmp_path / "missing.nii.gz"), "--output-dir", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="--checkpoint"):
-        run_command("protoseg", [*CASE, "--checkpoint", str(tmp_path / "none.pt"), "--output-dir", str(tmp_path)])
+def test_cli_errors_name_the_argument(tmp_path, capsys):
+    from monai_peft.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one line, exit 2
+        main(["gradcam", "--image", str(tmp_path / "missing.nii.gz"), "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: argument --image: no such file: ")
+    with pytest.raises(SystemExit):
+        main(["protoseg", *CASE, "--checkpoint", str(tmp_path / "none.pt"), "--output-dir", str(tmp_path)])
+    assert capsys.readouterr().err.startswith("error: argument --checkpoint: no such file: ")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    assert main(["protoseg", *CASE, "--checkpoint", str(tmp_path / "junk.pt"), "--output-dir", str(tmp_path)]) == 2
+    assert "error: --checkpoint " in capsys.readouterr().err
 
 
 def test_pareto_cli_json_plot_and_tables(tmp_path, capsys):

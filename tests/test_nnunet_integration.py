@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -267,6 +268,37 @@ def test_suprem_segresnet_convadapter_in_nnunet(pipeline):
     assert _predict_in_process(pipeline, trainer) <= {0, 1}
 
 
+def test_suprem_unet3d_convadapter_with_the_nnunetv2_train_command(pipeline):
+    """SuPreM's UNet3D (a file in the released layout, tests/data) fine-tuned with ConvAdapter by the installed
+    ``nnUNetv2_train`` command itself; the frozen backbone, batch-norm buffers included, stays the released one."""
+    from suprem_layouts import BACKBONE_PREFIX, fake_released_checkpoint
+
+    suprem_file = pipeline["root"] / "supervised_suprem_unet_2100.pth"
+    released = fake_released_checkpoint("unet", suprem_file)
+    trainer = "nnUNetTrainerSuPreMUNet3DConvAdapter"
+    command = shutil.which("nnUNetv2_train")
+    assert command, "nnUNetv2_train is not on PATH"
+    proc = subprocess.run([command, "902", CONFIG, "0", "-tr", trainer, "-device", "cpu",
+                           "-pretrained_weights", str(suprem_file)], env=pipeline["env"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    fold = _fold(pipeline, trainer)
+    checkpoint = fold / "checkpoint_final.pth"
+    adapter = adapter_path_for(checkpoint)
+    assert adapter.stat().st_size < 0.10 * checkpoint.stat().st_size
+    tuned = safe_load_checkpoint(checkpoint)["network_weights"]
+    prefix = BACKBONE_PREFIX["unet"]
+    frozen = [k for k in tuned if prefix + plain_key(k) in released and ".modules_to_save." not in k]
+    assert len(frozen) > 100 and any(k.endswith("running_mean") for k in frozen)
+    changed = [k for k in frozen if not torch.equal(tuned[k], released[prefix + plain_key(k)].to(tuned[k].dtype))]
+    assert not changed, f"frozen SuPreM tensors changed by training: {changed[:5]}"
+    assert any("conv_adapter" in k for k in load_adapter_file(adapter)[0])
+    record = json.loads((fold / "results.json").read_text())
+    assert record["method"] == "convadapter" and record["backbone"] == "unet"
+    assert [h["epoch"] for h in record["history"]] == [1] and "val_mean_dice" in record["history"][0]
+    assert _predict_in_process(pipeline, trainer) <= {0, 1}
+
+
 def test_pretrained_weights_from_other_architecture_fail_clearly(pipeline, tmp_path):
     """A checkpoint of another architecture stops with the plugin's message, before any training."""
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
@@ -283,3 +315,19 @@ def test_pretrained_weights_from_other_architecture_fail_clearly(pipeline, tmp_p
     assert last_line.startswith("nnunet_plugin.checkpoints.PretrainedWeightsError")
     assert "other_architecture.pth" in last_line and "another shape" in last_line
     assert "Epoch 0" not in proc.stdout
+
+
+def test_peft_trainer_without_pretrained_weights_stops_unless_opted_in(pipeline):
+    """Adapters on a random frozen backbone are a silent waste: the trainer refuses before the first epoch."""
+    trainer = "nnUNetTrainerHeadOnly"
+    proc = nnunet("nnUNetv2_train", "902", CONFIG, "0", "-tr", trainer, "-device", "cpu", env=pipeline["env"],
+                  expect_ok=False)
+    assert proc.returncode != 0 and "Epoch 0" not in proc.stdout
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("nnunet_plugin.checkpoints.PretrainedWeightsError")
+    assert "no -pretrained_weights given" in last_line and "nnUNet_peft_allow_random_backbone=1" in last_line
+    nnunet("nnUNetv2_train", "902", CONFIG, "0", "-tr", trainer, "-device", "cpu",
+           env=dict(pipeline["env"], nnUNet_peft_allow_random_backbone="1"))
+    logs = [f.read_text() for f in _fold(pipeline, trainer).glob("training_log_*.txt")]  # the refused run's too
+    assert any("frozen backbone keeps its random initialisation" in log for log in logs)
+    assert (_fold(pipeline, trainer) / "checkpoint_final.pth").is_file()

@@ -409,3 +409,67 @@ def test_installed_package_registers_trainers_without_any_export():
         "monai_peft_nnunet.pth is not in site-packages: reinstall the project with `pip install -e .` (setup.py "
         "ships the hook)"
     )
+
+
+# -- nothing half-written, nothing silently missing -------------------------------------------------------------------
+def test_totalseg_conversion_appears_whole_or_not_at_all(tmp_path):
+    from monai_peft.data import write_phantom_dataset
+
+    from nnunet_plugin.totalseg import totalseg_to_nnunet
+
+    write_phantom_dataset(tmp_path / "ts", 4, (12, 12, 12), seed=0)
+    raw = tmp_path / "raw"
+    folder = totalseg_to_nnunet(tmp_path / "ts", raw, 501, ["liver", "spleen"], progress=False)
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert json.loads((folder / "dataset.json").read_text())["labels"] == {"background": 0, "liver": 1, "spleen": 2}
+    with pytest.raises(FileExistsError, match="Dataset501_TotalSegCustom exists"):
+        totalseg_to_nnunet(tmp_path / "ts", raw, 501, ["liver", "spleen"], progress=False)
+    with pytest.raises(FileExistsError, match="dataset id 501 is taken by"):
+        totalseg_to_nnunet(tmp_path / "ts", raw, 501, ["liver"], name="Other", progress=False)
+    with pytest.raises(ValueError, match=r"'livr' \(did you mean 'liver'\?\)"):
+        totalseg_to_nnunet(tmp_path / "ts", raw, 502, ["livr", "spleen"], progress=False)
+    # a corrupt mask in the last case: the error names it, the earlier dataset stays as it was, nothing else is left
+    mask = tmp_path / "ts" / "s0003" / "segmentations" / "spleen.nii.gz"
+    mask.write_bytes(mask.read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"s0003/segmentations/spleen\.nii\.gz: cannot be read as NIfTI"):
+        totalseg_to_nnunet(tmp_path / "ts", raw, 501, ["liver", "spleen"], progress=False, overwrite=True)
+    with pytest.raises(ValueError, match="spleen.nii.gz"):
+        totalseg_to_nnunet(tmp_path / "ts", raw, 503, ["liver", "spleen"], progress=False)
+    assert sorted(p.name for p in raw.iterdir()) == ["Dataset501_TotalSegCustom"]
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_rebuild_loads_adapters_strictly_and_names_what_is_missing(tmp_path):
+    from nnunet_plugin.rebuild import load_adapter_tensors
+
+    torch.manual_seed(5)
+    ckpt = _nnunet_checkpoint(_plain_unet(), tmp_path / "base.pth")
+    model = build_peft_network(_plain_unet(num_classes=2), "convadapter", PEFTSettings())
+    load_pretrained_backbone(model, ckpt)
+    path = save_adapter_file(model, tmp_path / "a.adapter.safetensors", {"trainer": "X"})
+    tensors, _ = load_adapter_file(path)
+    rebuilt = build_peft_network(_plain_unet(num_classes=2), "convadapter", PEFTSettings())
+    load_pretrained_backbone(rebuilt, ckpt)
+    dropped = sorted(k for k in tensors if "conv_adapter" in k)[0]
+    partial = {k: v for k, v in tensors.items() if k != dropped}
+    with pytest.raises(ValueError, match=rf"a\.adapter\.safetensors: 1 adapter tensors .* missing, e\.g\. \['{dropped}'\]"):
+        load_adapter_tensors(rebuilt, partial, path)
+    wrong = dict(tensors, **{dropped: torch.zeros(1)})
+    with pytest.raises(ValueError, match=rf"{dropped}: file \(1,\)"):
+        load_adapter_tensors(rebuilt, wrong, path)
+    load_adapter_tensors(rebuilt, tensors, path)
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in model.state_dict().items())
+    # a file that is not safetensors at all is named
+    junk = tmp_path / "junk.adapter.safetensors"
+    junk.write_bytes(b"\xff" * 100)
+    with pytest.raises(ValueError, match=r"junk\.adapter\.safetensors: not a safetensors file"):
+        load_adapter_file(junk)
+
+
+def test_random_backbone_needs_an_explicit_setting():
+    from nnunet_plugin.settings import random_backbone_allowed
+
+    assert random_backbone_allowed({}) is False
+    assert random_backbone_allowed({ENV_VARS["allow_random_backbone"]: "1"}) is True
+    with pytest.raises(ValueError, match="nnUNet_peft_allow_random_backbone must be 0 or 1"):
+        random_backbone_allowed({ENV_VARS["allow_random_backbone"]: "maybe"})

@@ -119,7 +119,12 @@ def test_thesis_tables_from_sweep_records():
 
 
 def test_sweep_plan_and_collect(tmp_path, capsys):
-    runs = plan_sweep("bundles/x", output_root=tmp_path / "sweep")
+    from monai_peft.data import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path / "ct", 3, (8, 8, 8), seed=0)
+    write_phantom_dataset(tmp_path / "mr", 3, (8, 8, 8), seed=0, modality="mr")
+    datasets = {"ct": tmp_path / "ct", "mr": tmp_path / "mr"}
+    runs = plan_sweep("bundles/x", output_root=tmp_path / "sweep", datasets=datasets)
     assert len(runs) == 2 * (3 + 2)
     assert {(r.task, r.data_fraction) for r in runs} == {("organs", 1.0), ("organs", 0.5), ("organs", 0.1),
                                                           ("vertebrae", 1.0), ("mr_organs", 1.0)}
@@ -127,21 +132,29 @@ def test_sweep_plan_and_collect(tmp_path, capsys):
     assert half.command[:4] == ["python", "-m", "monai.bundle", "run"]
     assert half.overrides["peft#preset"] == "segresnet-full-finetune"
     assert half.overrides["output_dir"].endswith("organs/50pct/segresnet-full-finetune")
-    assert "train#datalist" not in full.overrides
-    for key, split in (("train#datalist", "'train'"), ("validate#datalist", "'val'")):
-        assert split in half.overrides[key] and half.overrides[key].endswith(", 0.5)")
+    assert "data_fraction" not in full.overrides and half.overrides["data_fraction"] == 0.5
     assert [r.overrides["classes"] for r in runs[-4:]] == ["vertebrae", "vertebrae", "mr_organs", "mr_organs"]
+    # each task reads its own folder: CT for organs and vertebrae, MR for the MR organs
+    assert {r.task: r.overrides["dataset_dir"] for r in runs} == {
+        "organs": str(tmp_path / "ct"), "vertebrae": str(tmp_path / "ct"), "mr_organs": str(tmp_path / "mr")}
     with pytest.raises(ValueError, match="fractions"):
-        plan_sweep("b", fractions=[1.5])
-    # the datalist override keeps a seeded fraction of the cases, in order
+        plan_sweep("b", fractions=[1.5], datasets=datasets)
+    # a task without a folder, or a folder of the other modality, fails before anything is written
+    with pytest.raises(ValueError, match=r"sweep tasks \['mr_organs'\] have no dataset folder: give --dataset "
+                                         r"mr_organs=FOLDER \(or mr=FOLDER\)"):
+        plan_sweep("bundles/x", output_root=tmp_path / "nothing", datasets={"ct": tmp_path / "ct"})
+    with pytest.raises(ValueError, match=r"--classes 'organs' is a CT class group but --dataset_dir .*mr holds MR"):
+        plan_sweep("bundles/x", output_root=tmp_path / "nothing", datasets={"organs": tmp_path / "mr"}, ood_tasks=())
+    assert not (tmp_path / "nothing").exists()
+    # the datalist helper for lists of one's own keeps a seeded fraction of the cases, in order
     cases = [{"image": f"s{i:04d}"} for i in range(20)]
     half_list = subsample(cases, 0.5)
     assert len(half_list) == 10 and half_list == subsample(cases, 0.5) and half_list == sorted(half_list, key=str)
     assert len(subsample(cases, 0.01)) == 1 and subsample(cases, 1.0) == cases
     assert sweeps_main(["plan", "bundles/x", "--output-root", str(tmp_path / "sweep"), "--ood", "vertebrae",
-                        "--set", "dataset_dir=/data/totalseg"]) == 0
+                        "--dataset", f"ct={tmp_path / 'ct'}"]) == 0
     script = (tmp_path / "sweep" / "sweep.sh").read_text().splitlines()
-    assert len(script) == 3 + 2 * 4 and all("--dataset_dir /data/totalseg" in line for line in script[3:])
+    assert len(script) == 3 + 2 * 4 and all(f"--dataset_dir {tmp_path / 'ct'}" in line for line in script[3:])
     capsys.readouterr()
     # finished runs (records without task / fraction: taken from their folders)
     finished = (("organs", "100pct", "full", 0.89), ("organs", "10pct", "full", 0.79),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def test_class_groups_match_thesis_tables_and_totalsegmentator_names():
     assert class_group("organs") == list(ORGANS_17) and class_group("mr_organs_29") == list(MR_ORGANS_29)
     assert class_group(["liver", "spleen"]) == ["liver", "spleen"]
     assert label_names("vertebrae")[25] == "vertebrae_C1" and label_names("organs")[0] == "background"
-    with pytest.raises(ValueError, match="unknown class group 'organz'"):
+    with pytest.raises(ValueError, match="unknown class group or structure 'organz'; did you mean 'organs'"):
         class_group("organz")
     with pytest.raises(ValueError, match="duplicated.*liver"):
         class_group(["liver", "liver"])
@@ -142,9 +143,9 @@ def test_splits(phantom_root):
     assert [len(s[k]) for k in ("train", "val", "test")] == [859, 245, 124]  # thesis 4.2.2.1
     assert sorted(s["train"] + s["val"] + s["test"]) == list(range(1228))
     assert random_split(list(range(1228)), seed=0) == s and random_split(list(range(1228)), seed=1) != s
-    for frac, n in ((0.1, 110), (0.5, 552)):  # thesis 4.2.5.2: fraction of train+val, 80/20, same test set
+    for frac, n, n_train in ((0.1, 110, 88), (0.5, 552, 441)):  # thesis 4.2.5.2 / Table 5.6: 88/22, 441/111
         sub = subset_split(s, frac, seed=0)
-        assert len(sub["train"]) + len(sub["val"]) == n and len(sub["train"]) == round(0.8 * n)
+        assert len(sub["train"]) + len(sub["val"]) == n and len(sub["train"]) == n_train
         assert sub["test"] == s["test"] and set(sub["train"]) <= set(s["train"] + s["val"])
         assert not set(sub["train"]) & set(sub["val"])
     meta = read_meta(phantom_root)
@@ -215,3 +216,64 @@ def test_transforms_on_real_mr_reorient_lps_to_ras(real_cases, tmp_path):
     assert img.shape[1:] == out["label"].shape[1:] and out["label"].max() > 0
     with pytest.raises(ValueError, match="intensity"):
         val_transforms(intensity="zscore")
+
+
+# ------------------------------------------------------------------------ mistakes are errors, not empty classes
+def test_unknown_structure_names_are_errors_with_the_closest_names(phantom_root, tmp_path):
+    with pytest.raises(ValueError, match=r"'livr' \(did you mean 'liver'\?\)"):
+        class_group(["livr", "spleen"])
+    with pytest.raises(ValueError, match="did you mean 'spleen'"):
+        class_group("splen")
+    assert class_group("liver") == ["liver"]  # one structure is a group of one
+    with pytest.raises(ValueError, match=r"'livr' \(did you mean 'liver'\?\)"):
+        totalseg_datalist(phantom_root, ["livr", "spleen"], cache_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="did you mean 'liver'"):
+        merge_structures(phantom_root / "s0000", ["livr"])
+    # a dataset of one's own: a structure with mask files is a valid name, and a name in no case is not
+    own = tmp_path / "own" / "s0000"
+    shutil.copytree(phantom_root / "s0000", own)
+    shutil.copy(own / "segmentations" / "liver.nii.gz", own / "segmentations" / "liver_tumour.nii.gz")
+    label, _ = merge_structures(own, ["spleen", "liver_tumour"])
+    liver = np.asanyarray(nib.load(own / "segmentations" / "liver.nii.gz").dataobj) > 0
+    assert np.array_equal(label == 2, liver)
+    with pytest.raises(ValueError, match="no case has segmentations/<name>.nii.gz for any of the 2 classes"):
+        totalseg_datalist(own.parent, ["prostate", "urinary_bladder"], cache_dir=tmp_path, progress=False)
+
+
+def test_label_values_outside_the_class_map_are_errors_naming_the_file(tmp_path):
+    total = task_id_map(CLASS_MAP, "total")
+    label = np.zeros((4, 4, 4), np.uint8)
+    label[0, 0, 0], label[1, 1, 1] = 5, 200  # 5 = liver; 200 is no id of the 117-class map
+    with pytest.raises(ValueError, match=r"seg\.nii\.gz: label values \[200\] are not ids of the class map"):
+        remap_label_map(label, total, "organs", source="seg.nii.gz")
+    label[1, 1, 1] = 0
+    remapped = remap_label_map(label, total, "organs")
+    assert remapped[0, 0, 0] == ORGANS_17.index("liver") + 1 and remapped.sum() == remapped[0, 0, 0]
+    # the MR task has no lung lobes: the organs group is not all there, and a misspelt name is no structure at all
+    with pytest.raises(ValueError, match="'livr'"):
+        remap_label_map(label, task_id_map(CLASS_MAP, "total_mr"), ["livr"])
+    with pytest.raises(ValueError, match="the class map names none of the 2 classes"):
+        remap_label_map(label, task_id_map(CLASS_MAP, "total_mr"), ["lung_upper_lobe_left", "lung_middle_lobe_right"])
+    # import: a label map written with another task's ids is refused, naming the label file
+    seg = tmp_path / "seg_in_other_ids.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), 77, np.uint8), np.eye(4)), seg)
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), tmp_path / "img.nii.gz")
+    with pytest.raises(ValueError, match=r"seg_in_other_ids\.nii\.gz: label values \[77\]"):
+        import_multilabel_case(tmp_path / "img.nii.gz", seg, task_id_map(CLASS_MAP, "total_mr"), tmp_path / "case")
+    assert not (tmp_path / "case").exists()
+
+
+def test_every_reader_names_the_file_it_failed_on(phantom_root, tmp_path):
+    case = tmp_path / "s0000"
+    shutil.copytree(phantom_root / "s0000", case)
+    mask = case / "segmentations" / "spleen.nii.gz"
+    data = mask.read_bytes()
+    mask.write_bytes(data[: len(data) // 2])  # a truncated gzip
+    with pytest.raises(ValueError, match=r"spleen\.nii\.gz: cannot be read as NIfTI"):
+        merge_structures(case, "organs")
+    bad_map = tmp_path / "class_map.json"
+    bad_map.write_text("{not json")
+    with pytest.raises(ValueError, match=r"class_map\.json: not a JSON class map"):
+        task_id_map(bad_map)
+    with pytest.raises(KeyError, match=r"class_map\.json: no task 'totl'"):
+        task_id_map(CLASS_MAP, "totl")

@@ -107,8 +107,8 @@ def test_train_validate_test_lora_keeps_backbone_and_writes_record(tmp_path):
 
 def test_bundle_datalist_uses_meta_split_and_checks_inputs(tmp_path):
     write_phantom_dataset(tmp_path / "ds", 4, (16, 16, 16), seed=0)
-    train = bundle_datalist(tmp_path / "ds", ["liver", "spleen"], "train")
-    test = bundle_datalist(tmp_path / "ds", ["liver", "spleen"], "test")
+    train = bundle_datalist(tmp_path / "ds", ["liver", "spleen"], "train", split_source="meta")
+    test = bundle_datalist(tmp_path / "ds", ["liver", "spleen"], "test", split_source="meta")
     assert [d["case_id"] for d in train] == ["s0000", "s0001"] and [d["case_id"] for d in test] == ["s0003"]
     assert [d["case_id"] for d in image_list(tmp_path / "ds", "val")] == ["s0002"]
     assert len(image_list(tmp_path / "ds", None)) == 4

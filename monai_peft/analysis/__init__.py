@@ -1,8 +1,9 @@
-"""Analysis of fine-tuning runs: the Pareto trade-off (thesis eq. 4.1), data-size / OOD sweeps and the
-thesis's result tables (5.5, 5.6, 5.8, 5.9)."""
+"""Analysis of fine-tuning runs: the Pareto trade-off (thesis eq. 4.1), data-size / OOD sweeps, validation Dice over
+time (Figures 5.1-5.8) and the thesis's result tables (5.1-5.10) with its published figures beside."""
 
 from __future__ import annotations
 
+from monai_peft.analysis.curves import Curve, load_curves, plot_curves
 from monai_peft.analysis.pareto import (
     ParetoPoint,
     RunRecord,
@@ -18,6 +19,9 @@ from monai_peft.analysis.sweeps import collect_sweep, plan_sweep, subsample
 from monai_peft.analysis.tables import thesis_tables
 
 __all__ = [
+    "Curve",
+    "load_curves",
+    "plot_curves",
     "collect_sweep",
     "plan_sweep",
     "subsample",

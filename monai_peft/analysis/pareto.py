@@ -101,6 +101,8 @@ class RunRecord:
         task: downstream task / dataset name (``organs``, ``vertebrae``, ``mr_organs``), if known.
         costs: cost measurements as recorded (train/inference time, memory), if any.
         source: file the record came from.
+        preset: the ``monai-peft presets`` name the run used, if any.
+        val_dice: best validation Mean Dice of the run (thesis Tables 5.1-5.4), if recorded.
     """
 
     backbone: str
@@ -113,6 +115,8 @@ class RunRecord:
     task: str | None = None
     costs: dict[str, Any] | None = None
     source: str | None = None
+    preset: str | None = None
+    val_dice: float | None = None
 
     @property
     def label(self) -> str:
@@ -200,6 +204,9 @@ def record_from_dict(d: dict[str, Any], source: str = "<dict>") -> RunRecord:
         wanted = {n: _KEYS[n] for n in missing}
         raise ValueError(f"{source}: run record lacks {missing}; expected one of the keys {wanted}")
     costs = d.get("costs") if isinstance(d.get("costs"), dict) else None
+    validation = d.get("validation") if isinstance(d.get("validation"), dict) else {}
+    val_dice = validation.get("best_mean_dice", validation.get("mean_dice"))
+    preset = _lookup(d, ("preset",))
     try:
         params, dice = float(values["params"]), float(values["dice"])
     except (TypeError, ValueError) as e:
@@ -215,6 +222,8 @@ def record_from_dict(d: dict[str, Any], source: str = "<dict>") -> RunRecord:
         task=values["task"] if isinstance(values["task"], str) else None,
         costs=costs,
         source=source,
+        preset=None if preset is None else str(preset),
+        val_dice=None if val_dice is None else float(val_dice),
     )
 
 

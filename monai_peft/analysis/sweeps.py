@@ -3,19 +3,23 @@ collection of their finished run records into the thesis tables 5.5, 5.6, 5.8 an
 
 ``plan`` writes one ``python -m monai.bundle run`` command per run (it trains nothing itself):
 
-* data sizes 100 %, 50 %, 10 % of the training/validation cases, the test set fixed (thesis 4.2.5.2),
-  for each preset (default: SegResNet full fine-tuning and ConvAdapter, the thesis's comparison); the
-  smaller sizes override the bundle's ``train#datalist`` / ``validate#datalist`` with :func:`subsample`;
+* data sizes 100 %, 50 %, 10 % of the training/validation cases, the test set fixed (thesis 4.2.5.2: 859/245,
+  441/111, 88/22 of TotalSegmentator's 1228 cases), for each preset (default: SegResNet full fine-tuning and
+  ConvAdapter, the thesis's comparison); the smaller sizes set the bundle's ``data_fraction``
+  (:func:`monai_peft.data.subset_split` inside :func:`monai_peft.workflows.bundle.bundle_datalist`);
 * OOD: the 25 vertebrae of TotalSegmentator CT, and the 29 organs of TotalSegmentator MR (thesis
   4.2.5.3), 100 % of the data.
 
-Each run writes to ``<output_root>/<task>/<N>pct/<preset>/`` so ``collect`` can tell task and data
-size from the folder even when a record does not carry them. Run it as::
+Each task reads its own dataset folder (``datasets``: the CT folder for organs and vertebrae, the MR folder for
+``mr_organs``, whose bundles then normalise MR intensities); a planned task without a folder, or a folder of the
+other modality, is an error before anything is written. Each run writes to
+``<output_root>/<task>/<N>pct/<preset>/`` so ``collect`` can tell task and data size from the folder even when a
+record does not carry them. Run it as::
 
-    python -m monai_peft.analysis.sweeps plan bundles/totalseg_organs_suprem_segresnet_peft \\
-        --output-root runs/sweep --set dataset_dir=/data/Totalsegmentator_dataset_v201
+    monai-peft sweep plan bundles/totalseg_organs_suprem_segresnet_peft --output-root runs/sweep \\
+        --dataset ct=/data/Totalsegmentator_dataset_v201 --dataset mr=/data/TotalsegmentatorMRI_dataset_v200
     bash runs/sweep/sweep.sh            # hours of training, on a GPU machine
-    python -m monai_peft.analysis.sweeps collect runs/sweep --markdown runs/sweep/tables.md
+    monai-peft sweep collect runs/sweep --markdown runs/sweep/tables.md
 """
 
 from __future__ import annotations
@@ -31,12 +35,12 @@ from typing import Any
 
 from monai_peft.io import atomic_write_json, atomic_write_text, json_default
 from monai_peft.analysis.pareto import RunRecord, load_run_records
-from monai_peft.analysis.tables import thesis_tables
+from monai_peft.analysis.tables import load_gradcam_summaries, thesis_tables
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_KEYS", "DEFAULT_PRESETS", "SWEEP_TASKS", "SweepRun", "collect_sweep", "main", "plan_sweep",
-           "subsample", "write_plan"]
+           "subsample", "task_datasets", "write_plan"]
 
 #: bundle config ids the overrides set (``--<id> <value>`` on the ``monai.bundle run`` command line);
 #: the ids of the bundles in ``bundles/`` (``train.json``).
@@ -44,8 +48,8 @@ DEFAULT_KEYS: dict[str, str] = {
     "preset": "peft#preset",
     "classes": "classes",
     "output_dir": "output_dir",
-    "train_datalist": "train#datalist",
-    "val_datalist": "validate#datalist",
+    "dataset_dir": "dataset_dir",
+    "data_fraction": "data_fraction",
 }
 
 #: task -> ``--classes`` (thesis 4.2.5.3: vertebrae of TotalSegmentator CT, organs of TotalSegmentator MR;
@@ -55,8 +59,6 @@ SWEEP_TASKS: dict[str, str] = {"organs": "organs", "vertebrae": "vertebrae", "mr
 #: the thesis's comparison (5.2): SegResNet fully fine-tuned vs ConvAdapter parallel to every ResBlock.
 DEFAULT_PRESETS = ("segresnet-full-finetune", "segresnet-convadapter-resblock-parallel")
 
-_DATALIST = ("$__import__('monai_peft.analysis.sweeps', fromlist=['subsample']).subsample("
-             "monai_peft.workflows.bundle.bundle_datalist(@dataset_dir, @classes, '{split}', @cache_dir), {fraction})")
 
 
 @dataclass
@@ -78,8 +80,8 @@ class SweepRun:
 def subsample(datalist: Sequence[Any], fraction: float, seed: int = 0) -> list[Any]:
     """A seeded random ``fraction`` of a datalist (at least one item), in the original order.
 
-    Applied to the training and to the validation list separately, it keeps their 80/20 ratio as the
-    thesis's 50 % and 10 % runs did (4.2.5.2); the test list is never subsampled.
+    For lists of your own; the sweep's data sizes come from :func:`monai_peft.data.subset_split`, which
+    gives the thesis's 88/22 and 441/111 (4.2.5.2).
 
     Args:
         datalist: the items.
@@ -108,6 +110,7 @@ def plan_sweep(
     fractions: Sequence[float] = (1.0, 0.5, 0.1),
     ood_tasks: Sequence[str] = ("vertebrae", "mr_organs"),
     output_root: str | Path = "runs/sweep",
+    datasets: Mapping[str, str | Path] | None = None,
     keys: Mapping[str, str] | None = None,
     extra_overrides: Mapping[str, Any] | None = None,
     config_file: str = "configs/train.json",
@@ -122,13 +125,17 @@ def plan_sweep(
         fractions: data sizes in (0, 1] for the organs task (thesis: 1.0, 0.5, 0.1).
         ood_tasks: OOD tasks, run at 100 % (``vertebrae``, ``mr_organs``; empty for none).
         output_root: root of the run folders ``<task>/<N>pct/<preset>``.
+        datasets: dataset folder per task (``organs``, ``vertebrae``, ``mr_organs``) or per modality (``ct``,
+            ``mr``); see :func:`task_datasets`. Required for every planned task.
         keys: config ids of the overrides, default :data:`DEFAULT_KEYS` (an id mapped to ``""`` is not set).
         extra_overrides: more ``--id value`` pairs for every run (e.g. ``{"dataset_dir": ...}``).
         config_file: the training config inside the bundle.
         python: interpreter for the command lines.
 
     Raises:
-        ValueError: for a fraction outside (0, 1], an unknown task or an empty preset list.
+        ValueError: for a fraction outside (0, 1], an unknown task, an empty preset list, a task without a
+            dataset folder, or a folder whose modality differs from the task's.
+        FileNotFoundError: a dataset folder that does not exist.
     """
     keys = {**DEFAULT_KEYS, **(keys or {})}
     if not presets:
@@ -141,14 +148,15 @@ def plan_sweep(
         raise ValueError(f"plan_sweep: unknown OOD tasks {unknown}; expected some of {sorted(SWEEP_TASKS)}")
     bundle = Path(bundle_dir)
     jobs = [("organs", float(f)) for f in fractions] + [(t, 1.0) for t in ood_tasks]
+    folders = task_datasets(sorted({t for t, _ in jobs}), datasets or {})
     runs = []
     for task, fraction in jobs:
         for preset in presets:
             out = Path(output_root) / task / _percent(fraction) / preset
-            values: dict[str, Any] = {"preset": preset, "classes": SWEEP_TASKS[task], "output_dir": str(out)}
+            values: dict[str, Any] = {"preset": preset, "classes": SWEEP_TASKS[task], "output_dir": str(out),
+                                      "dataset_dir": folders[task]}
             if fraction < 1.0:
-                values["train_datalist"] = _DATALIST.format(split="train", fraction=fraction)
-                values["val_datalist"] = _DATALIST.format(split="val", fraction=fraction)
+                values["data_fraction"] = fraction
             overrides = {keys[k]: v for k, v in values.items() if keys.get(k)}
             overrides.update(extra_overrides or {})
             command = [python, "-m", "monai.bundle", "run", "--bundle_root", str(bundle),
@@ -158,6 +166,41 @@ def plan_sweep(
                 command += [f"--{k}", str(v)]
             runs.append(SweepRun(task, preset, fraction, str(out), overrides, command))
     return runs
+
+
+def task_datasets(tasks: Sequence[str], datasets: Mapping[str, str | Path]) -> dict[str, str]:
+    """The dataset folder of each sweep task, checked before anything trains.
+
+    Args:
+        tasks: sweep tasks (keys of :data:`SWEEP_TASKS`).
+        datasets: ``{task or modality: folder}``; a task's own entry wins over its modality's (``ct`` serves
+            ``organs`` and ``vertebrae``, ``mr`` serves ``mr_organs``).
+
+    Raises:
+        ValueError: an unknown key, a task without a folder (all such tasks named), or a folder of the other
+            modality (through :func:`monai_peft.data.resolve_modality`, naming the class group and the folder).
+        FileNotFoundError: a folder that does not exist or holds no case.
+    """
+    from monai_peft.data import group_modality, resolve_modality
+
+    unknown = sorted(set(datasets) - set(SWEEP_TASKS) - {"ct", "mr"})
+    if unknown:
+        raise ValueError(f"sweep datasets: unknown keys {unknown}; expected tasks {sorted(SWEEP_TASKS)} or 'ct' / 'mr'")
+    out: dict[str, str] = {}
+    missing = []
+    for task in tasks:
+        folder = datasets.get(task) or datasets.get(group_modality(SWEEP_TASKS[task]) or "ct")
+        if not folder:
+            missing.append(task)
+            continue
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"sweep task {task!r}: dataset folder {folder} does not exist")
+        resolve_modality(SWEEP_TASKS[task], folder)  # CT classes on an MR folder (or the reverse) fail here
+        out[task] = str(Path(folder).absolute())  # sweep.sh may run from another folder
+    if missing:
+        hints = ", ".join(f"--dataset {t}=FOLDER (or {group_modality(SWEEP_TASKS[t]) or 'ct'}=FOLDER)" for t in missing)
+        raise ValueError(f"sweep tasks {missing} have no dataset folder: give {hints}")
+    return out
 
 
 def write_plan(runs: Sequence[SweepRun], output_root: str | Path) -> tuple[Path, Path]:
@@ -205,7 +248,7 @@ def collect_sweep(root: str | Path, backbone: str | None = None) -> dict[str, An
         for r in records:
             if r.backbone == "unknown":
                 r.backbone = backbone
-    return {"runs": [asdict(r) for r in records], "tables": thesis_tables(records)}
+    return {"runs": [asdict(r) for r in records], "tables": thesis_tables(records, load_gradcam_summaries([root]))}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

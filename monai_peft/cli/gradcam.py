@@ -17,9 +17,9 @@ Example (real CT of the shared TotalSegmentator example, small random SegResNet 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
+from monai_peft.cli._arg_types import positive_int
 from monai_peft.cli._interpret_args import (
     add_case_and_model_arguments,
     build_model,
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", nargs="+", default=None,
                    help="module names (named_modules; peft's base_model.model. prefix optional). "
                         "Default: final conv, the conv before it, the last adapter conv before the final conv")
-    g.add_argument("--channels", nargs="+", type=int, default=None,
+    g.add_argument("--channels", nargs="+", type=positive_int, default=None,
                    help="output channels to explain. Default: all but background")
     g.add_argument("--mask-source", choices=("prediction", "label"), default="prediction",
                    help="voxels whose class logits are explained: the network's prediction (default) or the label")
@@ -68,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{i:>3} {'adapter ' if layer['adapter'] else 'backbone'} {layer['name']}")
         return 0
     if args.output_dir is None:
-        print("monai-peft gradcam: --output-dir is required", file=sys.stderr)
-        return 2
+        raise ValueError("--output-dir is required (unless --list-layers).")
     out = Path(args.output_dir)
     reference = None
     if args.original_grid:

@@ -5,8 +5,9 @@ columns backbone,method,params,dice. Per backbone, Mean Dice and trainable param
 normalised to [0, 1] (D, P) and scored with score = 0.5 D + 0.5 (1 - P); walking the runs by
 increasing parameters, a run joins the frontier when its score beats the best so far. Prints the
 table (frontier runs starred), optionally writes the JSON, the Fig. 5.5 plot (Dice difference vs
-parameter reduction against each backbone's full fine-tuning run) and the thesis table layouts
-(5.5; with data_fraction / task in the records also 5.6, 5.8, 5.9).
+parameter reduction against each backbone's full fine-tuning run) and the thesis table layouts with the
+thesis's published figures beside (5.1-5.4 by preset, 5.5, 5.7 costs; with data_fraction / task in the records
+also 5.6, 5.8, 5.9; 5.10 from Grad-CAM summaries under the input folders).
 
 Example:
   monai-peft pareto runs/ extra_results.csv --plot tradeoff.png --output pareto.json --tables
@@ -18,25 +19,30 @@ import argparse
 import json
 from pathlib import Path
 
+from monai_peft.cli._arg_types import existing_path, non_negative_float
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", type=Path,
+    parser.add_argument("inputs", nargs="+", type=existing_path,
                         help="results.json files, folders holding them (recursive), or CSV files")
-    parser.add_argument("--w-dice", type=float, default=0.5, help="weight of normalised Dice (thesis: 0.5)")
-    parser.add_argument("--w-params", type=float, default=0.5, help="weight of 1 - normalised params (thesis: 0.5)")
+    parser.add_argument("--w-dice", type=non_negative_float, default=0.5,
+                        help="weight of normalised Dice (thesis: 0.5)")
+    parser.add_argument("--w-params", type=non_negative_float, default=0.5,
+                        help="weight of 1 - normalised params (thesis: 0.5)")
     parser.add_argument("--pooled", action="store_true",
                         help="normalise and walk all backbones together (the thesis does each separately)")
     parser.add_argument("--plot", type=Path, default=None, help="write the Fig. 5.5 trade-off PNG here")
     parser.add_argument("--output", type=Path, default=None, help="write the scored runs (and tables) as JSON here")
     parser.add_argument("--tables", action="store_true",
-                        help="also print the thesis table layouts (5.5, 5.6, 5.8, 5.9) that the runs fill")
+                        help="also print the thesis table layouts the runs fill (5.1-5.10; 5.10 from gradcam_summary.json "
+                             "files under the input folders), each with the thesis's figures beside")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
 
 def run(args: argparse.Namespace) -> int:
     from monai_peft.io import atomic_write_json, json_default
     from monai_peft.analysis.pareto import load_run_records, pareto_scores, plot_tradeoff, scores_table
-    from monai_peft.analysis.tables import thesis_tables
+    from monai_peft.analysis.tables import load_gradcam_summaries, thesis_tables
 
     records = load_run_records(args.inputs)
     points = pareto_scores(records, w_dice=args.w_dice, w_params=args.w_params, per_backbone=not args.pooled)
@@ -49,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         "frontier": [p.record.backbone + ":" + p.record.label for p in points if p.on_frontier],
         "best": {p.record.backbone: p.record.label for p in points if p.best},
     }
-    tables = thesis_tables(records) if args.tables else None
+    tables = thesis_tables(records, load_gradcam_summaries([p for p in args.inputs if p.is_dir()])) if args.tables else None
     if tables is not None:
         result["tables"] = {k: v["json"] for k, v in tables.items()}
     if args.plot is not None:

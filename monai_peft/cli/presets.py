@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from monai_peft.cli._arg_types import positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--backbone", choices=("segresnet", "unet"), default=None, help="only presets of this backbone")
-    parser.add_argument("--out-channels", type=int, default=18,
+    parser.add_argument("--out-channels", type=positive_int, default=18,
                         help="head size used for the counts (default 18 = background + organs_17)")
     parser.add_argument("--names", nargs="*", default=None, help="only these presets")
     parser.add_argument("--plot", default=None, metavar="PNG",
@@ -33,8 +35,6 @@ def _fmt_thesis(row: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from monai_peft.presets import preset_names, preset_table
 
-    if args.out_channels < 1:
-        raise SystemExit(f"--out-channels must be >= 1, got {args.out_channels}")
     names = args.names or preset_names(args.backbone)
     rows = preset_table(out_channels=args.out_channels, names=names)
     if args.plot:

@@ -16,9 +16,9 @@ Example:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
+from monai_peft.cli._arg_types import output_folder
 from monai_peft.cli._interpret_args import (
     add_case_and_model_arguments,
     build_model,
@@ -31,7 +31,7 @@ from monai_peft.cli._interpret_args import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_case_and_model_arguments(parser)
     g = parser.add_argument_group("ProtoSeg")
-    g.add_argument("--output-dir", type=str, required=True, help="folder for protoseg.json, protoseg.png, SAM NIfTIs")
+    g.add_argument("--output-dir", type=output_folder, required=True, help="folder for protoseg.json, protoseg.png, SAM NIfTIs")
     g.add_argument("--layers", nargs="+", default=None, help="module names to score. Default: every conv layer")
     g.add_argument("--per-class", action="store_true",
                    help="score each class against the rest instead of the merged foreground (thesis: foreground)")
@@ -47,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     image, label, names = load_case(args)
     if label is None:
-        print("monai-peft protoseg: --label is required (SA is a Dice with the ground truth)", file=sys.stderr)
-        return 2
+        raise ValueError("--label is required: the segmentation ability is a Dice with the ground truth.")
     model = build_model(args, out_channels_for(args, label, names), in_channels=image.shape[0])
     t0 = time.perf_counter()
     classes = sorted(names) if args.per_class else None

@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from monai_peft.adapt import METHODS
-from monai_peft.tuners.conv_adapter.config import ADAPTER_CONVS
+from monai_peft.cli._arg_types import positive_int, rank
 
 NETWORKS = ("segresnet", "basicunet")
 
@@ -28,12 +27,14 @@ def _network(name: str, out_channels: int):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--network", choices=NETWORKS, default="segresnet")
-    parser.add_argument("--method", choices=METHODS, default="convadapter")
-    parser.add_argument("--out-channels", type=int, default=18, help="classes incl. background (default 18)")
+    parser.add_argument("--method", default="convadapter",
+                        help="a method of monai_peft.adapt: convadapter (default), lora, ssf, bitfit, norm, full, "
+                             "decoder, head")
+    parser.add_argument("--out-channels", type=positive_int, default=18, help="classes incl. background (default 18)")
     parser.add_argument("--train-fully", default=None, help="region trained fully besides the adapters")
-    parser.add_argument("--r", default=None, help="LoRA rank (int or 'dynamic')")
-    parser.add_argument("--gamma", type=int, default=None, help="ConvAdapter compression factor")
-    parser.add_argument("--adapter-conv", choices=ADAPTER_CONVS, default=None,
+    parser.add_argument("--r", type=rank, default=None, help="LoRA rank (int or 'dynamic')")
+    parser.add_argument("--gamma", type=positive_int, default=None, help="ConvAdapter compression factor")
+    parser.add_argument("--adapter-conv", default=None,
                         help="ConvAdapter down-projection: depthwise (the paper's, default) or dense")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     kwargs: dict = {}
     if args.r is not None:
-        kwargs["r"] = args.r if args.r == "dynamic" else int(args.r)
+        kwargs["r"] = args.r
     if args.gamma is not None:
         kwargs["gamma"] = args.gamma
     if args.adapter_conv is not None:

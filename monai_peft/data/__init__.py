@@ -13,6 +13,7 @@ from monai_peft.data.class_maps import (
     task_id_map,
 )
 from monai_peft.data.example import EXAMPLE_SCANS, ExampleScan, example_scan
+from monai_peft.data.modality import dataset_modality, group_modality, resolve_modality
 from monai_peft.data.phantoms import PHANTOM_ORGANS, make_phantom, write_phantom_dataset
 from monai_peft.data.splits import case_id_of, meta_split, random_split, subset_split
 from monai_peft.data.totalseg import (
@@ -26,13 +27,15 @@ from monai_peft.data.totalseg import (
     totalseg_datalist,
     write_case,
 )
-from monai_peft.data.transforms import preprocess_transforms, train_transforms, val_transforms
+from monai_peft.data.transforms import INTENSITY_FOR_MODALITY, preprocess_transforms, train_transforms, val_transforms
 
 __all__ = [
     "CLASS_GROUPS",
     "EXAMPLE_SCANS",
+    "INTENSITY_FOR_MODALITY",
     "ExampleScan",
     "example_scan",
+    "group_modality",
     "MR_ORGANS_29",
     "ORGANS_17",
     "PHANTOM_ORGANS",
@@ -40,6 +43,7 @@ __all__ = [
     "cached_label_map",
     "case_id_of",
     "class_group",
+    "dataset_modality",
     "image_file",
     "import_multilabel_case",
     "label_names",
@@ -51,6 +55,7 @@ __all__ = [
     "random_split",
     "read_meta",
     "remap_label_map",
+    "resolve_modality",
     "subset_split",
     "task_id_map",
     "totalseg_datalist",

@@ -18,7 +18,7 @@ from monai_peft.data.class_maps import VERTEBRAE_25
 from monai_peft.data.totalseg import write_case
 from monai_peft.io import atomic_path
 
-__all__ = ["PHANTOM_ORGANS", "make_phantom", "write_phantom_dataset"]
+__all__ = ["PHANTOM_ORGANS", "VENOUS_PHASE_HU", "make_phantom", "write_phantom_dataset"]
 
 # name: (centre (x, y, z) in [-1, 1] body coordinates, radii as fraction of the half-size, CT HU, MR intensity)
 PHANTOM_ORGANS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float], float, float]] = {
@@ -46,6 +46,13 @@ _MR_EXTRA = {
     "lung_left": ((-0.45, 0.0, 0.62), (0.3, 0.4, 0.3), -850.0, 30.0),
 }
 _MR_SKIP = {k for k in PHANTOM_ORGANS if k.startswith("lung_")}
+# portal-venous phase CT (contrast agent in the vessels and enhancing organs), the phase of most abdominal CT in
+# TotalSegmentator and AbdomenAtlas; organs the table does not name keep their native value
+VENOUS_PHASE_HU: dict[str, float] = {
+    "liver": 110.0, "spleen": 130.0, "kidney_right": 190.0, "kidney_left": 190.0, "pancreas": 95.0,
+    "adrenal_gland_right": 70.0, "adrenal_gland_left": 70.0, "aorta": 200.0, "inferior_vena_cava": 160.0,
+    "portal_vein_and_splenic_vein": 180.0, "stomach": -10.0, "gallbladder": 5.0,
+}  # fmt: skip
 
 
 def _ellipsoid(grid: tuple[np.ndarray, ...], centre, radii) -> np.ndarray:
@@ -53,7 +60,9 @@ def _ellipsoid(grid: tuple[np.ndarray, ...], centre, radii) -> np.ndarray:
 
 
 def make_phantom(
-    shape: Sequence[int] = (48, 48, 48), seed: int = 0, modality: str = "ct", noise: float | None = None
+    shape: Sequence[int] = (48, 48, 48), seed: int = 0, modality: str = "ct", noise: float | None = None,
+    phase: str = "native",
+    organ_scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """One synthetic case in memory.
 
@@ -62,6 +71,11 @@ def make_phantom(
         seed: random seed; jitters positions (5% of the size), radii (10%) and noise.
         modality: ``"ct"`` (Hounsfield units, int16 range) or ``"mr"`` (positive intensities, air 0).
         noise: Gaussian noise sigma (default 20 HU for CT, 25 for MR).
+        phase: CT contrast phase: ``"native"`` (default, :data:`PHANTOM_ORGANS` values; kidneys and spleen lie
+            within the noise of the soft tissue around them) or ``"venous"`` (:data:`VENOUS_PHASE_HU`, enhancing
+            organs and vessels stand out, as in contrast CT).
+        organ_scale: factor on every organ's radii (default 1.0); above 1 organs fill more of small volumes,
+            e.g. for a demo that must learn them in a few hundred steps.
 
     Returns:
         ``(image, label, id_to_name)``: ``image`` ``(H, W, D)`` float32, ``label`` ``(H, W, D)`` uint8 with
@@ -72,6 +86,10 @@ def make_phantom(
         raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}.")
     if len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"shape must be 3 sizes >= 8, got {tuple(shape)}.")
+    if phase not in ("native", "venous"):
+        raise ValueError(f"phase must be 'native' or 'venous', got {phase!r}.")
+    if not 0.25 <= organ_scale <= 4.0:
+        raise ValueError(f"organ_scale must be in [0.25, 4], got {organ_scale}.")
     rng = np.random.default_rng(seed)
     grid = np.meshgrid(*[np.linspace(-1.0, 1.0, int(s), dtype=np.float32) for s in shape], indexing="ij")
     ct = modality == "ct"
@@ -88,9 +106,11 @@ def make_phantom(
     names: dict[int, str] = {}
     for idx, (name, (centre, radii, hu, mr)) in enumerate(organs.items(), start=1):
         c = np.asarray(centre) + rng.uniform(-0.05, 0.05, 3)
-        r = np.asarray(radii) * rng.uniform(0.9, 1.1, 3)
+        r = np.asarray(radii) * rng.uniform(0.9, 1.1, 3) * organ_scale
         mask = _ellipsoid(grid, c, r) & inner & (label == 0)
         label[mask] = idx
+        if ct and phase == "venous":
+            hu = VENOUS_PHASE_HU.get(name, hu)
         image[mask] = hu if ct else mr
         names[idx] = name
 
@@ -123,6 +143,8 @@ def write_phantom_dataset(
     modality: str = "ct",
     spacing: Sequence[float] = (1.5, 1.5, 1.5),
     write_empty: bool = True,
+    phase: str = "native",
+    organ_scale: float = 1.0,
 ) -> list[str]:
     """Write ``n_cases`` phantoms as a TotalSegmentator v2 folder (``sXXXX/ct.nii.gz`` or ``mri.nii.gz``,
     ``sXXXX/segmentations/<name>.nii.gz``, ``meta.csv`` with a ``split`` column).
@@ -137,6 +159,8 @@ def write_phantom_dataset(
         modality: ``"ct"`` or ``"mr"``.
         spacing: voxel size in mm (diagonal RAS affine).
         write_empty: write all-zero masks for absent structures, as the real dataset does.
+        phase: CT contrast phase, see :func:`make_phantom`.
+        organ_scale: factor on the organs' radii, see :func:`make_phantom`.
 
     Returns:
         The case ids (``s0000``, ``s0001``, ...).
@@ -148,7 +172,7 @@ def write_phantom_dataset(
     affine = np.diag([*map(float, spacing), 1.0])
     ids, splits = [], ("train", "train", "val", "test")
     for i in range(n_cases):
-        image, label, names = make_phantom(shape, seed + i, modality)
+        image, label, names = make_phantom(shape, seed + i, modality, phase=phase, organ_scale=organ_scale)
         if i % 2 == 1:
             gb = next((k for k, n in names.items() if n == "gallbladder"), None)
             if gb is not None:

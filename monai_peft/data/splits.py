@@ -27,7 +27,9 @@ def case_id_of(item: Any) -> str:
 def random_split(items: Sequence[Any], fractions: Sequence[float] = (0.7, 0.2, 0.1), seed: int = 0) -> dict[str, list]:
     """Shuffle with a seed and cut into train/val/test (thesis 4.2.2.1: 1228 -> 859 / 245 / 124).
 
-    Train and val sizes are rounded down; the test set takes the rest.
+    Train and val sizes are rounded down; the test set takes the rest. With 3 or more items every split with a
+    non-zero fraction gets at least one (a 4-case phantom folder splits 2 / 1 / 1), which leaves the thesis's
+    sizes unchanged.
 
     Args:
         items: datalist entries or case ids.
@@ -40,8 +42,13 @@ def random_split(items: Sequence[Any], fractions: Sequence[float] = (0.7, 0.2, 0
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {tuple(fractions)}.")
     order = np.random.default_rng(seed).permutation(len(items))
-    n_train = int(np.floor(fractions[0] * len(items) + 1e-9))
-    n_val = int(np.floor(fractions[1] * len(items) + 1e-9))
+    n = len(items)
+    n_train = int(np.floor(fractions[0] * n + 1e-9))
+    n_val = int(np.floor(fractions[1] * n + 1e-9))
+    if n >= 3:  # tiny folders: one case for each split that asks for any
+        n_val = max(n_val, 1 if fractions[1] > 0 else 0)
+        n_test = max(n - n_train - n_val, 1 if fractions[2] > 0 else 0)
+        n_train = max(min(n_train, n - n_val - n_test), 1 if fractions[0] > 0 else 0)
     picked = [items[i] for i in order]
     return {"train": picked[:n_train], "val": picked[n_train : n_train + n_val], "test": picked[n_train + n_val :]}
 
@@ -81,6 +88,9 @@ def subset_split(
 ) -> dict[str, list]:
     """The thesis's reduced-data runs (4.2.5.2): a ``fraction`` of train+val, re-split 80/20, same test set.
 
+    The kept count is ``round(fraction * (n_train + n_val))`` and the training share of it is rounded down, so
+    the thesis's 859 + 245 cases give 88 / 22 (10 %) and 441 / 111 (50 %), the sizes of Table 5.6.
+
     Args:
         splits: ``{"train", "val", "test"}`` from :func:`random_split` or :func:`meta_split`.
         fraction: share of the pooled train+val cases kept, e.g. 0.1 or 0.5 (1.0 re-splits everything).
@@ -101,5 +111,6 @@ def subset_split(
     rng = np.random.default_rng(seed)
     n_keep = max(2, int(round(fraction * len(pool))))
     kept = [pool[i] for i in rng.permutation(len(pool))[:n_keep]]
-    n_train = int(round(train_fraction * len(kept)))
+    # rounded down like random_split's train and val (552 kept -> 441 / 111, thesis Table 5.6)
+    n_train = min(max(1, int(np.floor(train_fraction * len(kept) + 1e-9))), len(kept) - 1)
     return {"train": kept[:n_train], "val": kept[n_train:], "test": list(splits["test"])}

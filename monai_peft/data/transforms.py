@@ -5,6 +5,11 @@ ScaleIntensityRanged, ResizeWithPadOrCropd, RandRotate90d, RandShiftIntensityd, 
 Validation / test: the same without the two random transforms. SuPreM's values: RAS, 1.5 mm isotropic,
 HU window [-175, 250] -> [0, 1], 96^3 crops, RandRotate90 (p=0.1, up to 3 turns), RandShiftIntensity
 (offset 0.1, p=0.2).
+
+MR (thesis 4.2.5.3, Table 5.9) has no Hounsfield scale: the CT window would clip most of an MR body to 1.0.
+``modality="mr"`` therefore maps the 0.5-99.5 intensity percentiles of each volume to ``[0, 1]``
+(``ScaleIntensityRangePercentilesd``), the range the CT backbone saw in pretraining; on the shipped example MR
+this clips under 1 % of the body voxels where the CT window clips most of them (``docs/suprem_and_data.md``).
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from functools import partial
 
 from monai import transforms as mt
 
-__all__ = ["train_transforms", "val_transforms", "preprocess_transforms"]
+__all__ = ["INTENSITY_FOR_MODALITY", "train_transforms", "val_transforms", "preprocess_transforms"]
 
 KEYS = ("image", "label")
+#: the intensity normalisation each modality gets by default: CT's HU window, MR's percentile scaling
+INTENSITY_FOR_MODALITY: dict[str, str] = {"ct": "window", "mr": "percentile"}
 
 
 def _above(x, threshold: float):
@@ -31,9 +38,10 @@ def preprocess_transforms(
     b_min: float = 0.0,
     b_max: float = 1.0,
     axcodes: str = "RAS",
-    intensity: str = "window",
+    intensity: str | None = None,
     keys: Sequence[str] = KEYS,
     load: bool = True,
+    modality: str = "ct",
 ) -> list:
     """The deterministic part shared by training and validation (thesis Table 4.3, in its order).
 
@@ -45,15 +53,26 @@ def preprocess_transforms(
         b_min, b_max: output intensity range (0, 1).
         axcodes: target orientation (``"RAS"``).
         intensity: ``"window"`` (HU window, CT) or ``"percentile"`` (0.5-99.5 percentiles to
-            ``[b_min, b_max]``, for MR where HU windows mean nothing).
+            ``[b_min, b_max]``, for MR where HU windows mean nothing); ``None`` (default) takes the modality's
+            (:data:`INTENSITY_FOR_MODALITY`).
         keys: ``(image key, label key)``; a one-element tuple transforms images only.
         load: start with ``LoadImaged`` (set ``False`` when the dict already holds arrays/MetaTensors).
+        modality: ``"ct"`` (default) or ``"mr"`` (see :func:`monai_peft.data.resolve_modality`).
+
+    Raises:
+        ValueError: an unknown ``intensity`` or ``modality``, or the CT window asked for on MR.
 
     Returns:
         A list of MONAI dictionary transforms.
     """
+    if modality not in INTENSITY_FOR_MODALITY:
+        raise ValueError(f"modality must be one of {sorted(INTENSITY_FOR_MODALITY)}, got {modality!r}.")
+    if intensity is None:
+        intensity = INTENSITY_FOR_MODALITY[modality]
     if intensity not in ("window", "percentile"):
         raise ValueError(f"intensity must be 'window' or 'percentile', got {intensity!r}.")
+    if modality == "mr" and intensity == "window":
+        raise ValueError("intensity='window' is the CT Hounsfield window; MR images need intensity='percentile'.")
     if a_max <= a_min:
         raise ValueError(f"a_max ({a_max}) must be greater than a_min ({a_min}).")
     keys = list(keys)
@@ -88,18 +107,20 @@ def train_transforms(
     b_min: float = 0.0,
     b_max: float = 1.0,
     axcodes: str = "RAS",
-    intensity: str = "window",
+    intensity: str | None = None,
     rotate90_prob: float = 0.10,
     shift_offsets: float = 0.10,
     shift_prob: float = 0.20,
     keys: Sequence[str] = KEYS,
     load: bool = True,
+    modality: str = "ct",
 ) -> mt.Compose:
     """Training chain of thesis Table 4.3 (SuPreM's values).
 
     Args:
         roi_size: patch size ``(H, W, D)`` after ``ResizeWithPadOrCropd`` (96^3).
-        pixdim, a_min, a_max, b_min, b_max, axcodes, intensity, keys, load: see :func:`preprocess_transforms`.
+        pixdim, a_min, a_max, b_min, b_max, axcodes, intensity, keys, load, modality: see
+            :func:`preprocess_transforms`.
         rotate90_prob: ``RandRotate90d`` probability (0.1, ``max_k=3``).
         shift_offsets: ``RandShiftIntensityd`` offset range (0.1, of the ``[0, 1]`` scaled intensities).
         shift_prob: ``RandShiftIntensityd`` probability (0.2).
@@ -109,7 +130,7 @@ def train_transforms(
         ``label`` ``(1, *roi_size)`` tensor of class ids.
     """
     keys = list(keys)
-    chain = preprocess_transforms(roi_size, pixdim, a_min, a_max, b_min, b_max, axcodes, intensity, keys, load)
+    chain = preprocess_transforms(roi_size, pixdim, a_min, a_max, b_min, b_max, axcodes, intensity, keys, load, modality)
     chain += [
         mt.RandRotate90d(keys=keys, prob=rotate90_prob, max_k=3),
         mt.RandShiftIntensityd(keys=[keys[0]], offsets=shift_offsets, prob=shift_prob),
@@ -126,20 +147,22 @@ def val_transforms(
     b_min: float = 0.0,
     b_max: float = 1.0,
     axcodes: str = "RAS",
-    intensity: str = "window",
+    intensity: str | None = None,
     keys: Sequence[str] = KEYS,
     load: bool = True,
+    modality: str = "ct",
 ) -> mt.Compose:
     """Validation / test chain of thesis Table 4.3: :func:`preprocess_transforms` then ``ToTensord``.
 
     Args:
         roi_size: ``(H, W, D)`` after ``ResizeWithPadOrCropd`` (96^3); ``None`` keeps the whole volume.
-        pixdim, a_min, a_max, b_min, b_max, axcodes, intensity, keys, load: see :func:`preprocess_transforms`.
+        pixdim, a_min, a_max, b_min, b_max, axcodes, intensity, keys, load, modality: see
+            :func:`preprocess_transforms`.
 
     Returns:
         ``Compose`` producing ``image`` ``(1, H, W, D)`` and ``label`` ``(1, H, W, D)``.
     """
     keys = list(keys)
-    chain = preprocess_transforms(roi_size, pixdim, a_min, a_max, b_min, b_max, axcodes, intensity, keys, load)
+    chain = preprocess_transforms(roi_size, pixdim, a_min, a_max, b_min, b_max, axcodes, intensity, keys, load, modality)
     chain.append(mt.ToTensord(keys=keys))
     return mt.Compose(chain)

@@ -256,7 +256,8 @@ def _tracing_lines(geom: dict, sp: float, num_disks: int = 20) -> list[tuple[flo
 
 
 def write_echonet_phantom(root: str | os.PathLike, num_videos: int = 6, num_frames: int = 16,
-                          size: int = 112, seed: int = 0) -> list[dict]:
+                          size: int = 112, seed: int = 0, depth_mm: float = DEPTH_MM,
+                          same_geometry: bool = False) -> list[dict]:
     """Write an EchoNet-Dynamic-like phantom: ``Videos/*.avi``, ``FileList.csv``, ``VolumeTracings.csv``.
 
     Videos are apical 4CH cycles (ED -> ES -> ED); ``VolumeTracings.csv`` holds, for the ED and ES frames,
@@ -268,6 +269,11 @@ def write_echonet_phantom(root: str | os.PathLike, num_videos: int = 6, num_fram
         num_frames: frames per video. Default 16.
         size: frame height and width. Default 112 (as EchoNet-Dynamic).
         seed: random seed. Default 0.
+        depth_mm: imaging depth; a shallower sector (e.g. 110 mm) makes the heart fill more of a small frame,
+            which the video EF tests use at 32 pixels. Default 160 mm.
+        same_geometry: every heart has the same end-diastolic size and tilt and only its EF (and speckle,
+            quality, ED frame) varies: a beating ellipse whose contraction alone carries the EF, learnable by a
+            tiny video model in a short CPU run. Default False (sizes vary as in :func:`random_heart`).
 
     Returns:
         One dict per video with ``FileName``, ``ED``/``ES`` frame indices, exact ``EDV``/``ESV`` and ``EF``.
@@ -281,6 +287,8 @@ def write_echonet_phantom(root: str | os.PathLike, num_videos: int = 6, num_fram
     for i in range(num_videos):
         name = f"0X{seed:04X}{i:08X}"
         p = random_heart(rng)
+        if same_geometry:
+            p.a, p.b, p.wall, p.la_a, p.la_b, p.tilt = 39.0, 18.0, 8.5, 17.5, 15.5, {"2CH": 0.0, "4CH": 0.0}
         p.c = p.b  # one apical view: volumes assume a circular cross-section (single-plane)
         ed = int(rng.integers(0, num_frames // 4))
         es = ed + num_frames // 2
@@ -292,7 +300,7 @@ def write_echonet_phantom(root: str | os.PathLike, num_videos: int = 6, num_fram
             try:
                 for f in range(num_frames):
                     t = 0.5 * (1 - math.cos(2 * math.pi * (f - ed) / (2 * (es - ed))))
-                    img, _, sp, geom = render_frame(p, "4CH", t, (size, size), rng)
+                    img, _, sp, geom = render_frame(p, "4CH", t, (size, size), rng, depth_mm)
                     writer.write(np.repeat(img[..., None], 3, axis=2))
                     if f in (ed, es):
                         for x1, y1, x2, y2 in _tracing_lines(geom, sp[0]):

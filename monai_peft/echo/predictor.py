@@ -66,19 +66,21 @@ class EchoPredictor:
         out: dict = {}
         for name in tasks or self.tasks:
             self.model.set_task(name)
-            spec = self.model.tasks[name]
-            y = self.model(x)
-            if spec.kind == "segmentation":
-                out[name] = self._mask_to_image(y, image.shape)
-            elif spec.kind == "classification":
-                prob = torch.softmax(y, dim=1)[0].cpu()
-                names = spec.class_names or tuple(str(i) for i in range(spec.num_outputs))
-                out[name] = {"label": names[int(prob.argmax())],
-                             "probabilities": {n: float(p) for n, p in zip(names, prob)}}
-            else:
-                v = spec.decode(y)[0].cpu().tolist()
-                out[name] = v[0] if len(v) == 1 else v
+            out[name] = self.postprocess(name, self.model(x)[0], image.shape)
         return out
+
+    def postprocess(self, task: str, output: torch.Tensor, shape: tuple[int, int]):
+        """One frame's network output of ``task`` (no batch dimension) -> the value :meth:`predict` returns."""
+        spec = self.model.tasks[task]
+        y = output[None].float().cpu()
+        if spec.kind == "segmentation":
+            return self._mask_to_image(y, shape)
+        if spec.kind == "classification":
+            prob = torch.softmax(y, dim=1)[0]
+            names = spec.class_names or tuple(str(i) for i in range(spec.num_outputs))
+            return {"label": names[int(prob.argmax())], "probabilities": {n: float(p) for n, p in zip(names, prob)}}
+        v = spec.decode(y)[0].tolist()
+        return v[0] if len(v) == 1 else v
 
     @staticmethod
     def _mask_to_image(logits: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
@@ -109,7 +111,12 @@ class EchoPredictor:
         if missing:
             raise ValueError(f"frames: missing {missing}; expected keys ('2CH'|'4CH', 'ED'|'ES').")
         preds = {f"{v}_{p}": self.predict(frames[(v, p)][0]) for v, p in keys}
-        result: dict = {"frames": preds}
+        return self.summarise_study(preds, {k: sp for k, (_, sp) in frames.items()}, lv_label)
+
+    def summarise_study(self, preds: Mapping[str, dict], spacings: Mapping[tuple[str, str], Sequence[float]],
+                        lv_label: int = 1) -> dict:
+        """Study summary from per-frame predictions ``{"2CH_ED": {task: value}, ...}`` (see :meth:`predict_study`)."""
+        result: dict = {"frames": dict(preds)}
         if "volume" in self.model.tasks:
             edv = float(np.mean([preds[f"{v}_ED"]["volume"] for v in ("2CH", "4CH")]))
             esv = float(np.mean([preds[f"{v}_ES"]["volume"] for v in ("2CH", "4CH")]))
@@ -120,7 +127,7 @@ class EchoPredictor:
             for phase in ("ED", "ES"):
                 m2, m4 = (preds[f"{v}_{phase}"][seg] == lv_label for v in ("2CH", "4CH"))
                 try:
-                    vols[phase] = simpson_biplane(m2, m4, frames[("2CH", phase)][1], frames[("4CH", phase)][1])
+                    vols[phase] = simpson_biplane(m2, m4, spacings[("2CH", phase)], spacings[("4CH", phase)])
                 except ValueError:
                     vols[phase] = None  # no LV predicted in one view
             ok = vols["ED"] and vols["ES"] is not None

@@ -13,13 +13,14 @@ from monai_peft.handlers.case_metrics import CaseMetricsWriter, case_id_of, case
 from monai_peft.handlers.cost_meter import CostMeter, batch_size_of, peak_memory_gb
 from monai_peft.handlers.parameter_report import ParameterReportHandler, count_parameters, frozen_fingerprint
 from monai_peft.handlers.per_class_dice import PerClassDice
-from monai_peft.handlers.run_record import RunRecordWriter
+from monai_peft.handlers.run_record import EpochHistory, RunRecordWriter, history_entry
 
 __all__ = [
     "AdapterCheckpoint",
     "AdapterLoader",
     "CaseMetricsWriter",
     "CostMeter",
+    "EpochHistory",
     "ParameterReportHandler",
     "PerClassDice",
     "RunRecordWriter",
@@ -28,6 +29,7 @@ __all__ = [
     "case_metrics",
     "count_parameters",
     "frozen_fingerprint",
+    "history_entry",
     "load_adapter_folder",
     "peak_memory_gb",
     "save_adapter_folder",

@@ -100,6 +100,14 @@ def _check_shapes(path: Path, loaded: dict[str, torch.Tensor], expected: dict[st
         )
 
 
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` whose errors name the file (safetensors' own say "header too large")."""
+    try:
+        return load_safetensors(str(path), device="cpu")
+    except Exception as e:  # SafetensorError, OSError from a truncated file, ...
+        raise ValueError(f"{path}: not a readable safetensors file ({e}).") from e
+
+
 def load_adapter_folder(network: torch.nn.Module, folder: str | Path, adapter_name: str | None = None) -> None:
     """Load weights written by :func:`save_adapter_folder` into ``network`` (strict: every key must match).
 
@@ -116,7 +124,7 @@ def load_adapter_folder(network: torch.nn.Module, folder: str | Path, adapter_na
             )
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        state = load_safetensors(str(folder / PEFT_WEIGHTS), device="cpu")
+        state = _read_safetensors(folder / PEFT_WEIGHTS)
         name = adapter_name or getattr(net, "active_adapter", "default")
         # every adapter tensor of the model must come from the file: a half-loaded adapter is random weights
         expected_state = get_peft_model_state_dict(net, adapter_name=name)
@@ -140,7 +148,7 @@ def load_adapter_folder(network: torch.nn.Module, folder: str | Path, adapter_na
             raise ValueError(f"{folder / PEFT_WEIGHTS}: tensors not in the model, e.g. {unexpected[:3]}.")
         return
     if (folder / PLAIN_WEIGHTS).exists():
-        state = load_safetensors(str(folder / PLAIN_WEIGHTS), device="cpu")
+        state = _read_safetensors(folder / PLAIN_WEIGHTS)
         _check_shapes(folder / PLAIN_WEIGHTS, state, net.state_dict())
         try:
             net.load_state_dict(state, strict=True)

@@ -21,21 +21,42 @@ else:
 
 __all__ = ["ParameterReportHandler", "count_parameters", "frozen_fingerprint"]
 
+# peft wrappers that train a copy of the module they wrap: (attribute of the copies, attribute of the idle original)
+_TRAINED_COPY_WRAPPERS = (("modules_to_save", "original_module"), ("ln_tuning_layers", "base_layer"))
 
-def frozen_fingerprint(network: torch.nn.Module) -> str:
-    """SHA-256 over the names and values of every frozen parameter and buffer-free weight of ``network``.
+
+def frozen_fingerprint(network: torch.nn.Module) -> dict[str, Any] | None:
+    """SHA-256 over the names, dtypes, shapes and raw bytes of every frozen parameter of ``network`` in the forward
+    path (not the idle originals peft keeps beside the copies it trains).
 
     Equal fingerprints before and after training show that the backbone did not change.
+
+    Returns:
+        ``{"sha256": hex digest, "tensors": n, "parameters": numel}``, or None when nothing is frozen (full
+        fine-tuning, pretraining): there is no frozen backbone to fingerprint.
     """
     import hashlib
 
+    net = unwrap_network(network)
+    # peft trains some modules as copies (modules_to_save, LN tuning = "full") and keeps each original frozen but out
+    # of the forward pass: such originals are no frozen backbone (with full fine-tuning they are the whole network)
+    spare = {id(q) for m in net.modules() for copies, original in _TRAINED_COPY_WRAPPERS
+             if isinstance(getattr(m, copies, None), torch.nn.ModuleDict)
+             and isinstance(getattr(m, original, None), torch.nn.Module)
+             for q in getattr(m, original).parameters()}
     digest = hashlib.sha256()
-    for name, p in unwrap_network(network).named_parameters():
-        if p.requires_grad:
+    tensors = numel = 0
+    for name, p in net.named_parameters():
+        if p.requires_grad or id(p) in spare:
             continue
-        digest.update(name.encode())
-        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+        data = p.detach().cpu().contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.view(-1).view(torch.uint8).numpy().tobytes())  # the bytes themselves, any dtype
+        tensors += 1
+        numel += data.numel()
+    if tensors == 0:
+        return None
+    return {"sha256": digest.hexdigest(), "tensors": tensors, "parameters": numel}
 
 
 def count_parameters(network: torch.nn.Module) -> dict[str, Any]:
@@ -96,7 +117,7 @@ class ParameterReportHandler:
         self.report_path = Path(report_path) if report_path is not None else None
         self.run_info = dict(run_info or {})
         self.write_rank0_only = write_rank0_only
-        self._start_fingerprint: str | None = None
+        self._start_fingerprint: dict[str, Any] | None = None
 
     def attach(self, engine: Engine) -> None:
         if not engine.has_event_handler(self, Events.STARTED):
@@ -104,16 +125,25 @@ class ParameterReportHandler:
             engine.add_event_handler(Events.COMPLETED, self.check_frozen)
 
     def check_frozen(self, engine: Engine) -> None:
-        """At the end of the run, record whether the frozen parameters are bit-identical to the start."""
-        end = frozen_fingerprint(self.network)
-        unchanged = end == self._start_fingerprint
-        engine.state.frozen_unchanged = unchanged
-        if not unchanged:
-            engine.logger.warning("frozen parameters changed during training (fingerprints differ)")
+        """At the end of the run, record whether the frozen parameters are bit-identical to the start.
+
+        A run that freezes nothing (full fine-tuning) records ``"frozen_backbone": null``.
+        """
+        start, end = self._start_fingerprint, frozen_fingerprint(self.network)
+        if start is None and end is None:
+            engine.state.frozen_unchanged = None
+            section: dict[str, Any] | None = None
+        else:
+            unchanged = start is not None and end is not None and start == end
+            engine.state.frozen_unchanged = unchanged
+            if not unchanged:
+                engine.logger.warning("frozen parameters changed during training (fingerprints differ)")
+            section = {"tensors": (end or start)["tensors"], "parameters": (end or start)["parameters"],
+                       "start": start["sha256"] if start else None, "end": end["sha256"] if end else None,
+                       "unchanged": unchanged}
         rank = process_rank()
         if self.record_path is not None and (not self.write_rank0_only or rank == 0):
-            update_run_record(self.record_path, {"frozen_backbone": {"start": self._start_fingerprint, "end": end,
-                                                                     "unchanged": unchanged}})
+            update_run_record(self.record_path, {"frozen_backbone": section})
 
     def __call__(self, engine: Engine) -> None:
         self._start_fingerprint = frozen_fingerprint(self.network)

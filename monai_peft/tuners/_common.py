@@ -1,8 +1,10 @@
-"""Helpers shared by monai-peft's tuners (ConvAdapter, SSF): device lookup, module replacement, atomic injection,
-strict loading."""
+"""Helpers shared by monai-peft's tuners (ConvAdapter, SSF, VPT, bottleneck adapters): exact-name target regexes,
+device lookup, module replacement, atomic injection, strict loading."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,6 +23,11 @@ def first_tensor_device_and_dtype(module: nn.Module) -> tuple[torch.device | Non
             return t.device, t.dtype
     return None, None
 
+
+def exact_names_regex(names: Sequence[str]) -> str:
+    """A regex matching exactly these module names, for peft's ``target_modules`` (a list there would also match
+    every module whose name merely *ends* with one of them, e.g. ``conv_0`` and ``conv_0.conv_0``)."""
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
 
 class NonWeightBaseLayerMixin:
     """peft's ``BaseTunerLayer`` finds a base layer's device/dtype from its ``weight``; residual blocks, norms

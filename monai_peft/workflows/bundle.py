@@ -22,6 +22,11 @@ from monai_peft.workflows.records import atomic_write_json
 __all__ = [
     "check_dataset_dir",
     "bundle_datalist",
+    "data_summary",
+    "evaluation_protocol",
+    "eval_roi_size",
+    "EVAL_PROTOCOLS",
+    "SPLIT_SOURCES",
     "image_list",
     "run_info",
     "export_merged",
@@ -33,6 +38,11 @@ logger = logging.getLogger(__name__)
 # methods whose adapters fold into the base weights (peft merge_and_unload); ConvAdapter keeps a side branch
 MERGEABLE_METHODS = ("lora", "ssf", "bitfit", "full", "decoder", "head", "norm")
 _SPLITS = ("train", "val", "test")
+#: where train/val/test come from: the thesis's seeded 70/20/10 split (4.2.2.1) or meta.csv's ``split`` column
+SPLIT_SOURCES = ("random", "meta")
+#: how validation / test volumes meet the network: whole volume in sliding windows, or the thesis's
+#: ``ResizeWithPadOrCropd`` to ``roi_size`` of Table 4.3 (one window per volume)
+EVAL_PROTOCOLS = ("sliding_window", "resize_crop")
 
 
 def check_dataset_dir(dataset_dir: str | Path | None, classes: str | Sequence[str] = "organs",
@@ -47,8 +57,9 @@ def check_dataset_dir(dataset_dir: str | Path | None, classes: str | Sequence[st
         modality: ``"ct"``, ``"mr"`` or ``"auto"``.
 
     Raises:
-        FileNotFoundError: the folder does not exist, holds no case, or (``need_labels``) a case has none of
-            the label files of ``classes``; the message names the override and the expected files.
+        FileNotFoundError: the folder does not exist, holds no case, or (``need_labels``, CT) a case has none of
+            the label files of ``classes``; the message names the override and the expected files. MR cases
+            without segmentations are not an error: :func:`bundle_datalist` skips and counts them (thesis 4.2.5.3).
     """
     from monai_peft.data import class_group
     from monai_peft.data.totalseg import list_cases
@@ -64,7 +75,7 @@ def check_dataset_dir(dataset_dir: str | Path | None, classes: str | Sequence[st
         cases = list_cases(root, modality)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--dataset_dir {root} holds no TotalSegmentator case folder ({e}).") from None
-    if need_labels:
+    if need_labels and modality != "mr":
         names = class_group(classes)
         for case in cases:
             seg = case / "segmentations"
@@ -76,62 +87,157 @@ def check_dataset_dir(dataset_dir: str | Path | None, classes: str | Sequence[st
     return cases
 
 
+def _unlabelled(items: Sequence[dict[str, Any]]) -> list[str]:
+    """Case ids whose merged label map holds no structure of the class group."""
+    import nibabel as nib
+    import numpy as np
+
+    return [d["case_id"] for d in items if not np.any(np.asanyarray(nib.load(d["label"]).dataobj))]
+
+
+def _splits(dataset_dir: str | Path, classes: str | Sequence[str], cache_dir: str | Path | None, modality: str,
+            split_source: str, data_fraction: float, seed: int,
+            fractions: Sequence[float]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    from monai_peft.data import meta_split, random_split, resolve_modality, subset_split, totalseg_datalist
+
+    if split_source not in SPLIT_SOURCES:
+        raise ValueError(f"--split_source must be one of {SPLIT_SOURCES}, got {split_source!r}.")
+    modality = resolve_modality(classes, dataset_dir, modality)
+    cases = check_dataset_dir(dataset_dir, classes, need_labels=True, modality=modality)
+    items = totalseg_datalist(dataset_dir, classes, cache_dir=cache_dir, modality=modality,
+                              case_ids=[c.name for c in cases], progress=False)
+    skipped = _unlabelled(items) if modality == "mr" else []
+    if skipped:
+        # thesis 4.2.5.3: "excluding the images without segmentations of these subclasses" (298 -> 235 MR cases)
+        logger.warning(f"--dataset_dir {dataset_dir}: {len(skipped)} of {len(items)} MR cases have no segmentation "
+                       f"of --classes {classes!r} and are skipped: {skipped[:10]}{' ...' if len(skipped) > 10 else ''}")
+        items = [d for d in items if d["case_id"] not in set(skipped)]
+    if not items:
+        raise FileNotFoundError(f"--dataset_dir {dataset_dir}: no case has a segmentation of --classes {classes!r}.")
+    if split_source == "meta":
+        splits = meta_split(items, dataset_dir)
+    else:
+        splits = random_split(items, fractions, seed)
+    if float(data_fraction) < 1.0:
+        splits = subset_split(splits, float(data_fraction), seed=seed)
+    summary = {"dataset_dir": str(dataset_dir), "modality": modality, "classes": classes if isinstance(classes, str)
+               else list(classes), "split_source": split_source, "seed": seed, "data_fraction": float(data_fraction),
+               "n_cases": len(items) + len(skipped), "skipped_unlabelled": len(skipped),
+               "skipped_cases": skipped, **{f"n_{k}": len(v) for k, v in splits.items()}}
+    return splits, summary
+
+
 def bundle_datalist(
     dataset_dir: str | Path,
     classes: str | Sequence[str] = "organs",
     split: str = "train",
     cache_dir: str | Path | None = None,
     modality: str = "auto",
-    fractions: Sequence[float] = (0.7, 0.2, 0.1),
+    split_source: str = "random",
+    data_fraction: float = 1.0,
     seed: int = 0,
+    fractions: Sequence[float] = (0.7, 0.2, 0.1),
 ) -> list[dict[str, Any]]:
     """Datalist of one split of a TotalSegmentator folder, with merged label maps cached on disk.
 
-    The split comes from ``meta.csv``'s ``split`` column when every split is non-empty there, else from a
-    seeded random 70/20/10 split (thesis 4.2.2.1).
+    The thesis's protocol by default: a seeded random 70/20/10 split (4.2.2.1: 1228 cases -> 859 / 245 / 124),
+    ``data_fraction`` of train+val re-split 80/20 with the test set kept (4.2.5.2: 88 / 22 at 10 %, 441 / 111 at
+    50 %), and MR cases without any segmentation of ``classes`` skipped and counted (4.2.5.3).
 
     Args:
         dataset_dir: the ``--dataset_dir`` folder.
         classes: the ``--classes`` override.
         split: ``"train"``, ``"val"`` or ``"test"``.
         cache_dir: where merged label maps go (default ``<dataset_dir>/.monai_peft_labels``).
-        modality: ``"ct"``, ``"mr"`` or ``"auto"``.
-        fractions: random-split fractions when ``meta.csv`` has no usable split.
-        seed: random-split seed.
+        modality: ``"ct"``, ``"mr"`` or ``"auto"`` (from ``classes`` and the folder; a mismatch is an error, see
+            :func:`monai_peft.data.resolve_modality`).
+        split_source: ``"random"`` (default, the thesis's split) or ``"meta"`` (``meta.csv``'s ``split`` column).
+        data_fraction: share of train+val kept, in (0, 1] (``--data_fraction``; 1.0 keeps the split as it is).
+        seed: seed of the random split and of the subset.
+        fractions: ``(train, val, test)`` of the random split.
 
     Returns:
         ``[{"image": ..., "label": ..., "case_id": ...}, ...]``.
-    """
-    from monai_peft.data import meta_split, random_split, totalseg_datalist
 
+    Raises:
+        ValueError: unknown ``split`` / ``split_source``, a class group of the other modality, or an empty split.
+        KeyError: ``split_source="meta"`` and ``meta.csv`` lacks the ``split`` column or a case.
+    """
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}.")
-    cases = check_dataset_dir(dataset_dir, classes, need_labels=True, modality=modality)
-    items = totalseg_datalist(dataset_dir, classes, cache_dir=cache_dir, modality=modality,
-                              case_ids=[c.name for c in cases], progress=False)
-    splits = None
-    if (Path(dataset_dir) / "meta.csv").is_file():
-        try:
-            splits = meta_split(items, dataset_dir)
-        except (KeyError, ValueError) as e:
-            logger.warning(f"{dataset_dir}/meta.csv gives no split ({e}); using a random split")
-        if splits is not None and not all(splits[k] for k in _SPLITS):
-            splits = None
-    if splits is None:
-        splits = random_split(items, fractions, seed)
+    splits, _ = _splits(dataset_dir, classes, cache_dir, modality, split_source, data_fraction, seed, fractions)
     if not splits[split]:
-        raise ValueError(f"--dataset_dir {dataset_dir}: the {split!r} split is empty ({len(items)} cases in all).")
+        n = sum(len(v) for v in splits.values())
+        raise ValueError(f"--dataset_dir {dataset_dir}: the {split!r} split is empty ({n} cases in all, "
+                         f"--split_source {split_source!r}).")
     return splits[split]
 
 
-def image_list(dataset_dir: str | Path, split: str | None = "test", modality: str = "auto") -> list[dict[str, str]]:
+def data_summary(
+    dataset_dir: str | Path,
+    classes: str | Sequence[str] = "organs",
+    cache_dir: str | Path | None = None,
+    modality: str = "auto",
+    split_source: str = "random",
+    data_fraction: float = 1.0,
+    seed: int = 0,
+    fractions: Sequence[float] = (0.7, 0.2, 0.1),
+) -> dict[str, Any]:
+    """What :func:`bundle_datalist` made of a folder, for the run record's ``data`` section.
+
+    Returns:
+        ``{"dataset_dir", "modality", "classes", "split_source", "seed", "data_fraction", "n_cases",
+        "skipped_unlabelled", "skipped_cases", "n_train", "n_val", "n_test"}``.
+    """
+    return _splits(dataset_dir, classes, cache_dir, modality, split_source, data_fraction, seed, fractions)[1]
+
+
+def evaluation_protocol(protocol: str = "sliding_window", roi_size: Sequence[int] = (96, 96, 96),
+                        overlap: float = 0.25) -> dict[str, Any]:
+    """The run record's ``evaluation`` section, checked: how validation and test volumes were evaluated.
+
+    Args:
+        protocol: ``"sliding_window"`` (whole volume, ``roi_size`` windows with ``overlap``) or ``"resize_crop"``
+            (thesis Table 4.3: ``ResizeWithPadOrCropd`` to ``roi_size``, one window).
+        roi_size: window / crop size.
+        overlap: sliding-window overlap.
+
+    Raises:
+        ValueError: an unknown protocol.
+    """
+    if protocol not in EVAL_PROTOCOLS:
+        raise ValueError(f"--eval_protocol must be one of {EVAL_PROTOCOLS}, got {protocol!r}.")
+    return {"protocol": protocol, "roi_size": [int(v) for v in roi_size],
+            "overlap": float(overlap) if protocol == "sliding_window" else None}
+
+
+def eval_roi_size(protocol: str, roi_size: Sequence[int]) -> list[int] | None:
+    """``ResizeWithPadOrCropd`` size of the validation chain: ``None`` (whole volume) or ``roi_size``."""
+    return None if evaluation_protocol(protocol, roi_size)["protocol"] == "sliding_window" else list(roi_size)
+
+
+def image_list(dataset_dir: str | Path, split: str | None = "test", modality: str = "auto",
+               split_source: str = "meta", classes: str | Sequence[str] | None = None,
+               seed: int = 0) -> list[dict[str, str]]:
     """Images to predict: one split of a TotalSegmentator folder, or every case when ``split`` is None.
 
-    Needs no label files. The split comes from ``meta.csv`` when it has one, else all cases are used.
+    Args:
+        dataset_dir: the ``--dataset_dir`` folder.
+        split: ``"train"``, ``"val"``, ``"test"`` or ``None`` (every case, no labels needed).
+        modality: ``"ct"``, ``"mr"`` or ``"auto"``.
+        split_source: ``"meta"`` (``meta.csv``'s column when the folder has one, else every case) or ``"random"``
+            (the training bundle's split, :func:`bundle_datalist` with ``classes`` and ``seed``; needs labels).
+        classes: the ``--classes`` of the training run (``split_source="random"``).
+        seed: the training run's split seed.
     """
     from monai_peft.data import meta_split
     from monai_peft.data.totalseg import image_file
 
+    if split is not None and split_source == "random":
+        if classes is None:
+            raise ValueError("image_list: split_source='random' needs the training run's classes.")
+        chosen = bundle_datalist(dataset_dir, classes, split, None, modality, "random", 1.0, seed)
+        return [{"image": d["image"], "case_id": d["case_id"]} for d in chosen]
     cases = check_dataset_dir(dataset_dir, need_labels=False, modality=modality)
     items = [{"image": str(image_file(c, modality)), "case_id": c.name} for c in cases]
     if split is not None and (Path(dataset_dir) / "meta.csv").is_file():
@@ -144,8 +250,11 @@ def image_list(dataset_dir: str | Path, split: str | None = "test", modality: st
     return items
 
 
-def run_info(preset: str, classes: str | Sequence[str]) -> dict[str, Any]:
-    """Run-record facts of a preset: ``preset``, ``method``, ``placement``, ``backbone``, ``classes``.
+def run_info(preset: str, classes: str | Sequence[str], data: dict[str, Any] | None = None,
+             evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run-record facts of a preset: ``preset``, ``method``, ``placement``, ``backbone``, ``classes``; with
+    ``data`` (:func:`data_summary`) also ``task``, ``data_fraction`` and the ``data`` section, with ``evaluation``
+    (:func:`evaluation_protocol`) the ``evaluation`` section.
 
     Raises:
         KeyError: unknown ``--peft#preset`` (the message lists close names).
@@ -154,9 +263,16 @@ def run_info(preset: str, classes: str | Sequence[str]) -> dict[str, Any]:
     from monai_peft.presets import get_preset
 
     p = get_preset(preset)
-    return {"preset": p.name, "method": p.method, "placement": p.placement, "backbone": p.backbone,
+    info = {"preset": p.name, "method": p.method, "placement": p.placement, "backbone": p.backbone,
             "target": p.target, "train_fully": list(p.train_fully), "method_kwargs": dict(p.method_kwargs),
             "classes": classes if isinstance(classes, str) else list(classes), "class_names": class_group(classes)}
+    if data is not None:
+        # the task and data size the thesis tables sort runs by (5.6, 5.8, 5.9)
+        info.update(task=classes if isinstance(classes, str) else "custom", data_fraction=data["data_fraction"],
+                    data=dict(data))
+    if evaluation is not None:
+        info["evaluation"] = dict(evaluation)
+    return info
 
 
 def _remove_stale(filepath: Path) -> None:

@@ -19,6 +19,7 @@ from monai_peft.handlers import (
     AdapterCheckpoint,
     CaseMetricsWriter,
     CostMeter,
+    EpochHistory,
     ParameterReportHandler,
     PerClassDice,
     RunRecordWriter,
@@ -166,9 +167,10 @@ def build_trainer(
 ) -> SupervisedTrainer:
     """Training engine for a PEFT model: AdamW on trainable parameters, cosine annealing, DiceCE loss.
 
-    Handlers: parameter report at start, LR schedule, validation every ``val_interval`` epochs,
-    :class:`AdapterCheckpoint` (``<output_dir>/adapter/last`` and ``best``, resumable), a training
-    :class:`CostMeter`, loss logging and a ProgressBar. The run record is ``<output_dir>/results.json``.
+    Handlers: parameter report at start, LR schedule, validation every ``val_interval`` epochs, the per-epoch
+    :class:`EpochHistory` (loss, validation Dice, lr, seconds), :class:`AdapterCheckpoint`
+    (``<output_dir>/adapter/last`` and ``best``, resumable), a training :class:`CostMeter`, loss logging and a
+    ProgressBar. The run record is ``<output_dir>/results.json``.
 
     Args:
         network: the (peft) model; only its trainable parameters are optimised.
@@ -198,6 +200,7 @@ def build_trainer(
     ]
     if evaluator is not None:
         handlers.append(ValidationHandler(validator=evaluator, interval=val_interval, epoch_level=True))
+    handlers.append(EpochHistory(record, evaluator=evaluator))  # after validation: the epoch's Dice exists
     handlers += [
         AdapterCheckpoint(output_dir / "adapter", network, optimizer=optimizer, lr_scheduler=scheduler,
                           evaluator=evaluator, key_metric_name="val_mean_dice" if evaluator is not None else None,

@@ -10,8 +10,18 @@ Layout (every section optional; writers merge into what is there)::
       "test": {"mean_dice": 0.8, "mean_nsd": 0.7, "per_class_dice": {...}, "per_class_nsd": {...},
                "n_cases": 12, "cases_csv": "test_metrics.csv"},
       "costs": {"train_s_per_volume": 2.1, "inference_s_per_volume": 0.12, "train_peak_memory_gb": 11.0, ...},
+      "history": [{"epoch": 1, "train_loss": 0.9, "lr": 1e-4, "seconds": 61.0, "elapsed_seconds": 61.0,
+                   "val_mean_dice": 0.41, "val_per_class_dice": {...}}, ...],
+      "frozen_backbone": {"tensors": 80, "parameters": 4129120, "start": "<sha256>", "end": "<sha256>",
+                          "unchanged": true},
       "updated": "2026-01-01T00:00:00+00:00"
     }
+
+``history`` has one entry per epoch (:class:`monai_peft.handlers.EpochHistory` for MONAI engines, the nnU-Net
+trainers write the same layout); ``monai-peft curves`` plots it.
+
+``frozen_backbone`` fingerprints the raw bytes of the frozen parameters at the start and end of training; it is
+``null`` for a run that freezes nothing (full fine-tuning, pretraining), where there is no frozen backbone.
 """
 
 from __future__ import annotations
