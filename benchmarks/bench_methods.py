@@ -7,9 +7,9 @@ its options and levers), all in one process on copies of one network:
   (``harness.interleaved_times``); reported as the median time and the median over rounds of the per-round ratio
   to FFT (``x FFT``), and for a lever (activation checkpointing, channels-last, autocast) also to the same method
   without it (``x own``);
-- **peak training memory**: CUDA max allocated over one step; on CPU the peak resident set of one step in a fresh
-  subprocess per configuration, minus the process's resident set before the network was built (why a subprocess
-  and how the peak is read: ``harness``); ratio to FFT's;
+- **peak training memory** of one step in a fresh subprocess per configuration: CUDA max allocated; on CPU the peak
+  resident set minus the process's resident set before the network was built (why a subprocess and how the peak
+  is read: ``harness``); ratio to FFT's;
 - **inference** (eval mode, no gradients), interleaved the same way, as ratio to the plain network: the adapted
   network unmerged, and merged (``merge_and_unload``) for the methods that merge (LoRA, SSF, BitFit);
 - **adapter file**: bytes of ``adapter_model.safetensors`` against the full network's safetensors checkpoint.
@@ -195,16 +195,22 @@ def memory_probe(probe: dict[str, Any]) -> dict[str, Any]:
     return {"peak_mb": harness.peak_mb(device) - before}
 
 
-def _file_bytes(runner: Runner, network: nn.Module, tmp: Path) -> tuple[int, int]:
+def _checkpoint_bytes(network: nn.Module, tmp: Path) -> int:
+    """Bytes of the full network as one safetensors file (what full fine-tuning keeps per task)."""
     from safetensors.torch import save_file
 
     full = tmp / "full.safetensors"
     save_file({k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}, str(full))
+    return full.stat().st_size
+
+
+def _adapter_bytes(runner: Runner, tmp: Path) -> int | None:
+    """Bytes of ``adapter_model.safetensors`` (``None`` for FFT and the floor, which keep the full network)."""
     if runner.config.method in (None, "floor"):
-        return full.stat().st_size, full.stat().st_size
-    folder = tmp / "adapter"
+        return None
+    folder = tmp / runner.config.name.replace(" ", "_")
     runner.model.save_pretrained(str(folder))
-    return (folder / "adapter_model.safetensors").stat().st_size, full.stat().st_size
+    return (folder / "adapter_model.safetensors").stat().st_size
 
 
 def bench_network(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -237,16 +243,16 @@ def bench_network(name: str, args: argparse.Namespace, device: torch.device) -> 
                                             lambda line: logger.info("%s inference: %s", name, line))
     infer_vs_base = harness.ratio_medians(infer_times, "base")
 
-    if device.type == "cuda":
-        peaks = {key: _cuda_peak(r, device) for key, r in runners.items()}
-    else:  # one fresh process per configuration; they measure their own peaks, so a few may run side by side
-        with ThreadPoolExecutor(max_workers=args.probe_jobs) as pool:
-            futures = {key: pool.submit(_cpu_peak, name, r.config, args) for key, r in runners.items()}
-            peaks = {key: f.result() for key, f in futures.items()}
+    # one fresh process per configuration (on CUDA too: max allocated then holds this configuration alone); they
+    # measure their own peaks, so a few may run side by side
+    with ThreadPoolExecutor(max_workers=args.probe_jobs) as pool:
+        futures = {key: pool.submit(_probe_peak, name, r.config, args) for key, r in runners.items()}
+        peaks = {key: f.result() for key, f in futures.items()}
     rows: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        full = _checkpoint_bytes(network, Path(tmp))
         for key, r in runners.items():
-            adapter, full = _file_bytes(r, network, Path(tmp))
+            adapter = _adapter_bytes(r, Path(tmp)) or full
             peak = peaks[key]
             rows[key] = {
                 "config": asdict(r.config), "trainable": r.trainable(),
@@ -277,16 +283,7 @@ def _eval_call(model: nn.Module, x: torch.Tensor, config: Config | None, amp_dty
     return call
 
 
-def _cuda_peak(runner: Runner, device: torch.device) -> float:
-    runner.step()
-    harness.sync(device)
-    harness.reset_peak(device)
-    runner.step()
-    harness.sync(device)
-    return harness.peak_mb(device)
-
-
-def _cpu_peak(network: str, config: Config, args: argparse.Namespace) -> float:
+def _probe_peak(network: str, config: Config, args: argparse.Namespace) -> float:
     probe = {"network": network, "config": asdict(config),
              "args": {k: v for k, v in vars(args).items() if k != "memory_probe"}}
     return harness.measure_in_subprocess(Path(__file__).resolve(), probe)["peak_mb"]
@@ -328,11 +325,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
         rows = result["networks"][net]["rows"]
         keys = list(rows)
         pos = range(len(keys))
-        w = 0.27
-        ax.bar([p - w for p in pos], [rows[k]["step_vs_fft"] for k in keys], w, label="training step / FFT")
-        ax.bar(list(pos), [rows[k]["peak_vs_fft"] for k in keys], w, label="peak memory / FFT")
-        ax.bar([p + w for p in pos], [rows[k]["infer_vs_base"] or 0 for k in keys], w,
-               label="inference (unmerged) / plain network")
+        w = 0.2
+        bars = [("step_vs_fft", "training step / FFT"), ("peak_vs_fft", "peak memory / FFT"),
+                ("infer_vs_base", "inference unmerged / plain network"),
+                ("merged_infer_vs_base", "inference merged / plain network")]
+        for i, (key, label) in enumerate(bars):
+            ax.bar([p + (i - 1.5) * w for p in pos], [rows[k][key] or 0 for k in keys], w, label=label)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xticks(list(pos), keys, rotation=40, ha="right")
         s = result["settings"]

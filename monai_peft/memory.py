@@ -85,11 +85,19 @@ def checkpoint_mode(value: bool | str | None) -> str | None:
 
 
 def _blocks(model: nn.Module) -> Iterator[nn.Module]:
-    """Outermost blocks; a tuner layer wrapping a block (its ``base_layer``) stands for it."""
+    """Outermost blocks, each once; a tuner layer wrapping a block (its ``base_layer``) stands for it.
+
+    A module reachable along two paths (nnU-Net's decoder keeps a reference to the encoder) is visited once, so a
+    block is never wrapped twice.
+    """
     types = tuple(CHECKPOINT_BLOCK_TYPES)
+    seen: set[int] = set()
 
     def visit(module: nn.Module) -> Iterator[nn.Module]:
         for child in module.children():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
             inner = child.get_base_layer() if hasattr(child, "get_base_layer") else child
             if isinstance(inner, types):
                 yield child

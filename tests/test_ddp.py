@@ -149,7 +149,7 @@ def test_nnunet_peft_trainer_under_ddp_on_cpu(tmp_path):
         "nnUNet_peft_epochs": "1", "nnUNet_peft_iterations": "2", "nnUNet_peft_val_iterations": "1",
         "nnUNet_peft_final_validation": "0", "nnUNet_peft_activation_checkpointing": "1",
     })
-    make_phantom_dataset(tmp_path / "raw", 903, "PhantomDDP", num_cases=4, shape=(16, 16, 16), num_labels=1)
+    make_phantom_dataset(tmp_path / "raw", 903, "PhantomDDP", num_cases=6, shape=(16, 16, 16), num_labels=1)
     plan = subprocess.run([sys.executable, "-c", "from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints "
                            "import plan_and_preprocess_entry as f; import sys; sys.argv[0] = 'x'; f()",
                            "-d", "903", "-c", "3d_fullres", "-np", "1", "-npfp", "1"],

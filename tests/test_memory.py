@@ -90,6 +90,32 @@ def test_full_resolution_checkpoints_only_blocks_at_the_input_size(monkeypatch):
     assert memory.disable_activation_checkpointing(model) == 4 and memory.checkpointed_blocks(model) == []
 
 
+def test_a_block_reachable_along_two_paths_is_wrapped_once():
+    """nnU-Net's decoder keeps a reference to the encoder: its blocks must be wrapped once, not recurse forever."""
+
+    class Decoder(nn.Module):
+        def __init__(self, encoder: nn.Module) -> None:
+            super().__init__()
+            self.encoder, self.conv = encoder, nn.Conv3d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = SegResNet(spatial_dims=3, init_filters=8, blocks_down=(1,), blocks_up=(), in_channels=1,
+                                     out_channels=8).double()
+            self.decoder = Decoder(self.encoder).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.decoder(self.encoder(x))
+
+    model = monai_peft.adapt(Net(), "ssf", activation_checkpointing="all")
+    assert memory.checkpointed_blocks(model) == ["base_model.model.encoder.down_layers.0.1"]
+    model.train()(torch.randn(1, 1, 8, 8, 8, dtype=torch.float64)).sum().backward()
+
+
 def test_frozen_batch_norm_statistics_survive_the_recompute():
     """SuPreM UNet3D (``LUConv`` blocks, batch norms): running buffers unchanged, gradients as without checkpointing."""
     torch.manual_seed(0)
@@ -152,3 +178,20 @@ def test_torch_compile_runs_adapted_networks(method, options):
     for name, grad in ref[1].items():
         torch.testing.assert_close(got[1][name.replace("_orig_mod.", "")] if name in got[1] else
                                    got[1]["_orig_mod." + name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("bundle", ["totalseg_organs_suprem_segresnet_peft", "totalseg_organs_suprem_unet_peft"])
+def test_bundle_key_reaches_adapt(bundle):
+    """``--peft#activation_checkpointing all`` in a SuPreM bundle checkpoints the network it builds."""
+    from monai.bundle import ConfigParser
+
+    from conftest import REPO
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / "train.json"))
+    assert parser["peft"]["activation_checkpointing"] is False  # off unless asked for
+    parser["pretrained"] = None
+    parser["num_classes"] = 3
+    parser["peft"]["activation_checkpointing"] = "all"
+    network = parser.get_parsed_content("network_def")
+    assert len(memory.checkpointed_blocks(network)) == (14 if "unet" in bundle else 12)  # UNet3D: 14 LUConvs; SegResNet: 9 + 3 ResBlocks
