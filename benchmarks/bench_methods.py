@@ -178,6 +178,9 @@ def memory_probe(probe: dict[str, Any]) -> dict[str, Any]:
     import monai_peft.networks  # noqa: F401  (imports before the baseline: their memory is no training memory)
     import monai_peft.workflows  # noqa: F401
 
+    method = probe["config"]["method"]
+    if method not in (None, "floor", "decoder"):  # the method's lazily imported layers, also before the baseline
+        monai_peft.adapt(nn.Sequential(nn.Conv3d(1, 2, 3)), method, target=["0"])
     args = argparse.Namespace(**probe["args"])
     device = torch.device(args.device)
     torch.set_num_threads(args.threads or torch.get_num_threads())
