@@ -42,6 +42,8 @@ _EXPORTS: dict[str, str] = {
     "VPTModel": "monai_peft.tuners.vpt",
     "BottleneckAdapterConfig": "monai_peft.tuners.bottleneck",
     "BottleneckAdapterModel": "monai_peft.tuners.bottleneck",
+    "enable_activation_checkpointing": "monai_peft.memory",
+    "register_checkpoint_block": "monai_peft.memory",
 }
 __all__ = list(_EXPORTS)
 

@@ -19,6 +19,7 @@ from peft import LNTuningConfig, PeftModel, get_peft_model
 from torch import nn
 
 from monai_peft.lora import init_lora_pca_, lora_config
+from monai_peft.memory import checkpoint_mode, enable_activation_checkpointing
 from monai_peft.regions import regions_of
 from monai_peft.targeting import (
     SPATIAL_CONV, ModuleType, Selector, SelectorLike, as_selector, exact_names_regex, resolve_targets,
@@ -173,6 +174,7 @@ def adapt(
     train_fully: Optional[SelectorLike] = None,
     adapter_name: str = "default",
     low_cpu_mem_usage: bool = False,
+    activation_checkpointing: bool | str = False,
     **method_kwargs: Any,
 ) -> PeftModel:
     """Wrap ``model`` for fine-tuning with ``method``; the backbone is frozen, the adapter trains.
@@ -189,9 +191,13 @@ def adapt(
             modules are left out; an explicit ``target`` that overlaps them is an error.
         adapter_name: the peft adapter name.
         low_cpu_mem_usage: create adapter weights on the meta device (for loading saved adapters fast).
+        activation_checkpointing: ``True`` / ``"full-resolution"``: blocks at the input's resolution recompute their
+            activations in backward instead of storing them; ``"all"``: every block; ``False`` (default): off. See
+            :mod:`monai_peft.memory` (the adapter file is unchanged).
         method_kwargs: method options: ConvAdapter ``gamma``, ``insertion``, ``adapter_conv``, ``kernel_size``,
             ``activation``; LoRA ``r`` (int or ``"dynamic"``), ``lora_alpha``, ``lora_dropout``, ``init_pca``, ``fused``
-            (``True``: each conv trains as one conv with the merged kernel; needs ``lora_dropout=0``);
+            (default: each conv trains as one conv with the merged kernel, with the faster backward per layer, unless
+            ``lora_dropout > 0``; ``"merged"`` / ``"factored"`` force one backward, ``False`` runs peft's layers);
             SSF ``scale``, ``shift``; VPT ``variant`` (``"deep"`` default, ``"shallow"``), ``num_tokens``,
             ``prompt_dropout``; bottleneck ``insertion`` (``"sequential"`` = Houlsby, default; ``"parallel"``),
             ``bottleneck_size``, ``activation``, ``scale`` (any other ``VPTConfig`` / ``BottleneckAdapterConfig`` field
@@ -218,6 +224,7 @@ def adapt(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
+    checkpointing = checkpoint_mode(activation_checkpointing)
     base = user_network(model)
     insertion = method_kwargs.get("insertion", "sequential")
     selector = default_targets(base, method, insertion) if target is None else as_selector(target)
@@ -277,4 +284,6 @@ def adapt(
     if init_pca:
         init_lora_pca_(peft_model, adapter_name)
     keep_frozen_batchnorm_statistics(peft_model)  # see monai_peft.tuners.frozen_norm: the adapter file is complete
+    if checkpointing is not None:
+        enable_activation_checkpointing(peft_model, checkpointing)
     return peft_model

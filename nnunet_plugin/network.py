@@ -20,7 +20,7 @@ from torch import nn
 from monai_peft.tuners.module_types import ANY_CONV_TYPES, CONV_TYPES, NORM_TYPES
 from monai_peft.tuners.wrappers import unwrap_network
 from monai_peft.tuners.wrappers import user_network as base_network  # the nnU-Net architecture object, e.g. for .decoder
-from nnunet_plugin.settings import PEFTSettings
+from nnunet_plugin.settings import PEFTSettings, speed_options
 
 __all__ = [
     "METHODS", "NNUNET_REGIONS", "register_nnunet_regions", "adapter_targets", "seg_layer_names",
@@ -75,6 +75,10 @@ def register_nnunet_regions() -> None:
         return
     for cls in architectures:
         register_regions(cls, NNUNET_REGIONS)
+    from monai_peft.memory import register_checkpoint_block
+
+    for block in _residual_blocks():  # nnUNet_peft_activation_checkpointing recomputes these
+        register_checkpoint_block(block)
 
 
 def seg_layer_names(network: nn.Module) -> list[str]:
@@ -233,7 +237,7 @@ def build_peft_network(network: nn.Module, method: str, settings: PEFTSettings) 
         target = [n for n in resolve_targets(network, default_targets(network, "bitfit")) if n not in seg_layers]
     # norm: monai_peft's default targets; the seg layers train fully on top
     aliases = _alias_slots(network)
-    peft_model = adapt(network, method, target=target, train_fully=train_fully, **kwargs)
+    peft_model = adapt(network, method, target=target, train_fully=train_fully, **kwargs, **speed_options(method))
     relink_aliases(peft_model, aliases)
     setattr(peft_model, PLAIN_KEYS_ATTR, plain_keys)
     return peft_model
@@ -272,7 +276,7 @@ def build_suprem_peft_network(network: nn.Module, method: str, settings: PEFTSet
             kwargs = {"gamma": settings.gamma, "insertion": settings.placement.split("-")[1]}
         elif method == "lora":
             kwargs = {"r": settings.rank}
-        network = adapt(network, method, target=target, train_fully="head", **kwargs)
+        network = adapt(network, method, target=target, train_fully="head", **kwargs, **speed_options(method))
     setattr(network, PLAIN_KEYS_ATTR, plain_keys)
     setattr(network, SUPREM_ATTR, backbone)
     return network

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 __all__ = [
     "PLANS_FIELD", "ENV_VARS", "PEFTSettings", "PLACEMENTS", "resolve_settings", "training_length",
-    "final_validation_enabled", "random_backbone_allowed",
+    "final_validation_enabled", "random_backbone_allowed", "speed_options",
 ]
 
 PLANS_FIELD = "monai_peft"
@@ -32,6 +32,8 @@ ENV_VARS: dict[str, str] = {
     "lr": "nnUNet_peft_lr",
     "final_validation": "nnUNet_peft_final_validation",
     "allow_random_backbone": "nnUNet_peft_allow_random_backbone",
+    "lora_fused": "nnUNet_peft_lora_fused",
+    "activation_checkpointing": "nnUNet_peft_activation_checkpointing",
 }
 
 # thesis 3.2.2 / 5.1.2: ConvAdapter location (conv | residual block) x insertion (parallel | sequential)
@@ -188,3 +190,35 @@ def random_backbone_allowed(environ: Optional[Mapping[str, str]] = None) -> bool
         ValueError: a value other than 0/1/true/false/yes/no (names the variable).
     """
     return _flag("allow_random_backbone", False, environ)
+
+
+def speed_options(method: str, environ: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
+    """``monai_peft.adapt`` options that change speed and memory, never the network (so not stored in the plans).
+
+    - ``nnUNet_peft_lora_fused``: LoRA's conv path, ``auto`` (default: one merged conv per layer with the faster
+      backward), ``merged``, ``factored`` or ``off`` (peft's layers);
+    - ``nnUNet_peft_activation_checkpointing``: ``off`` (default), ``full-resolution`` (or ``1``) or ``all``:
+      blocks recompute their activations in backward (:mod:`monai_peft.memory`).
+
+    Raises:
+        ValueError: another value (names the variable and the accepted values).
+    """
+    from monai_peft.lora.fused import FUSED_MODES
+    from monai_peft.memory import ACTIVATION_CHECKPOINTING
+
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    fused = (_from_env("lora_fused", environ) or "auto").lower()
+    if fused not in (*FUSED_MODES, "off"):
+        raise ValueError(f"{ENV_VARS['lora_fused']} must be one of {(*FUSED_MODES, 'off')}, got {fused!r}.")
+    if method == "lora":
+        out["fused"] = False if fused == "off" else fused
+    checkpointing = (_from_env("activation_checkpointing", environ) or "off").lower()
+    checkpointing = {"0": "off", "false": "off", "1": "full-resolution", "true": "full-resolution"}.get(
+        checkpointing, checkpointing)
+    if checkpointing not in ("off", *ACTIVATION_CHECKPOINTING):
+        raise ValueError(f"{ENV_VARS['activation_checkpointing']} must be 0, 1, off or one of "
+                         f"{ACTIVATION_CHECKPOINTING}, got {checkpointing!r}.")
+    if checkpointing != "off":
+        out["activation_checkpointing"] = checkpointing
+    return out

@@ -44,6 +44,7 @@ from nnunet_plugin.checkpoints import (
     PRETRAINED_ATTR, PretrainedWeightsError, adapter_path_for, atomic_torch_save, load_pretrained_backbone,
     load_adapter_file, safe_load_checkpoint, save_adapter_file,
 )
+from nnunet_plugin.distributed import peft_ddp_wrapping
 from nnunet_plugin.network import (
     PLAIN_KEYS_ATTR, base_network, build_peft_network, build_suprem_peft_network, unwrap_network,
 )
@@ -132,6 +133,8 @@ class nnUNetTrainerPEFT(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and device.type == "cpu":  # gloo DDP; nnU-Net assumes CUDA (nnunet_plugin.distributed)
+            self.device, self.grad_scaler = device, None
         for attr, value in training_length().items():  # nnUNet_peft_epochs / _iterations / _val_iterations
             setattr(self, attr, value)
         self.peft_settings = resolve_settings(self.settings_defaults(), self.plans_manager.plans)
@@ -184,7 +187,11 @@ class nnUNetTrainerPEFT(nnUNetTrainer):
         return optimizer, CosineLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def initialize(self) -> None:
-        super().initialize()
+        if self.is_ddp and not self.was_initialized:
+            with peft_ddp_wrapping(self.device):  # SyncBatchNorm for trained norms only; CPU modules without ids
+                super().initialize()
+        else:
+            super().initialize()
         n_train = sum(p.numel() for p in self.network.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.network.parameters())
         self.print_to_log_file(

@@ -208,7 +208,11 @@ def test_save_pretrained_then_from_pretrained_in_fresh_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = load_file(str(out_file))
     for key, ref in expected.items():
-        assert torch.equal(got[key], ref), f"{key}: reloaded adapter gives different outputs"
+        if "lora" in key:  # trained fused (one conv with W + s*B@A, the default), reloaded as peft's two-branch
+            # layers: the same function, rounded differently (tests/test_lora_fused.py checks the two paths agree)
+            torch.testing.assert_close(got[key], ref, rtol=1e-5, atol=1e-5, msg=f"{key}: reloaded adapter differs")
+        else:
+            assert torch.equal(got[key], ref), f"{key}: reloaded adapter gives different outputs"
     cfg = json.loads((tmp_path / "segresnet_convadapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "CONV_ADAPTER"
 

@@ -473,3 +473,31 @@ def test_random_backbone_needs_an_explicit_setting():
     assert random_backbone_allowed({ENV_VARS["allow_random_backbone"]: "1"}) is True
     with pytest.raises(ValueError, match="nnUNet_peft_allow_random_backbone must be 0 or 1"):
         random_backbone_allowed({ENV_VARS["allow_random_backbone"]: "maybe"})
+
+
+def test_speed_settings_reach_the_network_and_bad_values_name_the_variable(monkeypatch):
+    """``nnUNet_peft_lora_fused`` / ``nnUNet_peft_activation_checkpointing`` (issue 12): parsed, applied, refused."""
+    from monai_peft.lora.fused import FusedConvLoraMixin
+    from monai_peft.memory import checkpointed_blocks
+    from nnunet_plugin.settings import speed_options
+
+    assert speed_options("lora", {}) == {"fused": "auto"} and speed_options("ssf", {}) == {}
+    assert speed_options("lora", {"nnUNet_peft_lora_fused": "off", "nnUNet_peft_activation_checkpointing": "all"}) \
+        == {"fused": False, "activation_checkpointing": "all"}
+    assert speed_options("convadapter", {"nnUNet_peft_activation_checkpointing": "1"}) == \
+        {"activation_checkpointing": "full-resolution"}
+    with pytest.raises(ValueError, match="nnUNet_peft_lora_fused must be one of"):
+        speed_options("lora", {"nnUNet_peft_lora_fused": "fast"})
+    with pytest.raises(ValueError, match="nnUNet_peft_activation_checkpointing must be 0, 1, off or one of"):
+        speed_options("ssf", {"nnUNet_peft_activation_checkpointing": "yes please"})
+
+    monkeypatch.setenv("nnUNet_peft_activation_checkpointing", "all")
+    lora = build_peft_network(_plain_unet(), "lora", PEFTSettings(rank=2))
+    assert any(isinstance(m, FusedConvLoraMixin) for m in lora.modules())  # the default conv path
+    # every StackedConvBlocks once: the decoder's reference to the encoder does not wrap them twice
+    assert len(checkpointed_blocks(lora)) == 5
+    lora.train()(torch.randn(1, 1, 16, 16, 16))[0].sum().backward()
+    monkeypatch.setenv("nnUNet_peft_lora_fused", "off")
+    monkeypatch.delenv("nnUNet_peft_activation_checkpointing")
+    plain = build_peft_network(_plain_unet(), "lora", PEFTSettings(rank=2))
+    assert not any(isinstance(m, FusedConvLoraMixin) for m in plain.modules()) and not checkpointed_blocks(plain)

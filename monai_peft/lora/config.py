@@ -2,7 +2,7 @@
 
 - ``r="dynamic"``: each conv gets rank ``out_channels // 2`` (the thesis's answer to the channel counts changing
   along a U-Net), expressed as peft's ``rank_pattern``/``alpha_pattern``.
-- ``fused=True``: the targeted convs train as one conv with the weight ``W + scaling * B @ A``
+- ``fused`` (default where possible): the targeted convs train as one conv with the weight ``W + scaling * B @ A``
   (:mod:`monai_peft.lora.fused`); the config and the saved adapter stay plain peft LoRA.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Union
 from peft import LoraConfig
 from torch import nn
 
-from monai_peft.lora.fused import use_fused_conv_lora
+from monai_peft.lora.fused import fused_mode, use_fused_conv_lora
 from monai_peft.targeting import SelectorLike, exact_names_regex, resolve_targets
 
 __all__ = ["lora_config", "dynamic_rank"]
@@ -34,7 +34,7 @@ def lora_config(
     r: Union[int, str] = 16,
     lora_alpha: Union[int, None] = None,
     modules_to_save: Union[list[str], None] = None,
-    fused: bool = False,
+    fused: Union[bool, str, None] = None,
     **lora_kwargs: Any,
 ) -> LoraConfig:
     """A peft ``LoraConfig`` for the convs selected by ``target``.
@@ -45,13 +45,16 @@ def lora_config(
         r: an integer rank, or ``"dynamic"`` for ``out_channels // 2`` per layer (thesis Table 5.1). Default 16.
         lora_alpha: LoRA scaling numerator; ``None`` (default) uses ``r`` per layer, i.e. scaling 1.
         modules_to_save: modules trained fully and saved with the adapter.
-        fused: ``True`` trains each targeted conv as one conv with the merged weight (see
-            :func:`monai_peft.lora.use_fused_conv_lora`; needs ``lora_dropout=0`` and no DoRA). Default ``False``:
-            peft's two extra convs per layer. Either way the saved adapter is a plain peft LoRA file.
+        fused: ``True`` (= ``"auto"``) trains each targeted conv as one conv with the merged weight, with the faster
+            backward per layer and device; ``"merged"`` / ``"factored"`` force one backward (see
+            :func:`monai_peft.lora.use_fused_conv_lora`; needs ``lora_dropout=0`` and no DoRA); ``False``: peft's two
+            extra convs per layer. Default ``None``: ``"auto"`` where the config allows it (no dropout, no DoRA),
+            else ``False``. Outputs, gradients and the saved adapter (a plain peft LoRA file) are the same.
         lora_kwargs: any other ``LoraConfig`` field (``lora_dropout``, ``init_lora_weights``, ...).
 
     Raises:
-        ValueError: a rank that is not a positive int or ``"dynamic"``; ``fused=True`` with dropout or DoRA.
+        ValueError: a rank that is not a positive int or ``"dynamic"``; an unknown ``fused`` value; ``fused`` with
+            dropout or DoRA.
     """
     names = resolve_targets(model, target)
     modules = dict(model.named_modules())
@@ -70,6 +73,7 @@ def lora_config(
             target_modules=exact_names_regex(names), r=r, lora_alpha=r if lora_alpha is None else lora_alpha,
             modules_to_save=modules_to_save, **lora_kwargs,
         )
-    if not isinstance(fused, bool):
-        raise ValueError(f"fused must be True or False, got {fused!r}.")
-    return use_fused_conv_lora(config) if fused else config
+    if fused is None:  # the fast path where it applies (issue 12); same numbers as peft's
+        fused = not (lora_kwargs.get("lora_dropout") or lora_kwargs.get("use_dora"))
+    mode = fused_mode(fused)
+    return config if mode is None else use_fused_conv_lora(config, mode)

@@ -8,9 +8,10 @@ Cost, in units of one conv pass over the activations: the backward needs the inp
 does) and the weight gradient of the merged kernel, from which ``A`` and ``B`` get theirs by two small matmuls.
 A fused step therefore costs about one full fine-tuning step (3 units) whatever the rank, where peft's path costs
 ``2 + 3 r / C_out`` units by FLOPs (1.67x full fine-tuning at ``r = C_out``), and more than that on hardware where
-thin convs run far below peak. A step below full fine-tuning's cost would need the weight gradient computed in
-factored form (peft's way), i.e. the two thin convs again: fused pays where ``r`` is not small next to ``C_out``,
-and ``benchmarks/bench_lora_conv.py`` measures both.
+thin convs run far below peak. Below full fine-tuning's cost, the weight gradients are computed in factored form
+(:mod:`monai_peft.lora.factored`: ``2 + 2 r / C_out`` units); ``fused="auto"`` (what ``fused=True`` means) picks the
+faster of the two per layer and device, ``"merged"`` / ``"factored"`` force one. ``benchmarks/bench_methods.py``
+measures them.
 
 The layers are peft's own LoRA conv layers with another ``forward``, created through peft's custom-layer hook
 (:func:`monai_peft._peft_compat.register_custom_lora_layers`): parameters, names, saving, merging, named adapters and
@@ -26,9 +27,28 @@ from peft import LoraConfig
 from torch import nn
 
 from monai_peft._peft_compat import lora_conv_delta_weight, lora_conv_layer_classes, register_custom_lora_layers
+from monai_peft.lora.factored import factored_conv_lora, factored_is_faster
 
 __all__ = ["use_fused_conv_lora", "FusedConvLoraMixin", "FusedLoraConv1d", "FusedLoraConv2d", "FusedLoraConv3d",
-           "FUSED_LORA_CONV_LAYERS"]
+           "FUSED_LORA_CONV_LAYERS", "FUSED_MODES", "fused_mode"]
+
+# fused=True means "auto"; "merged" and "factored" force one backward (see the module docstring)
+FUSED_MODES = ("auto", "merged", "factored")
+
+
+def fused_mode(fused: bool | str) -> str | None:
+    """The backward path of the ``fused`` option: ``None`` (peft's layers), ``"auto"``, ``"merged"`` or ``"factored"``.
+
+    Raises:
+        ValueError: anything but ``True``, ``False`` or a :data:`FUSED_MODES` entry.
+    """
+    if fused is False:
+        return None
+    if fused is True:
+        return "auto"
+    if isinstance(fused, str) and fused in FUSED_MODES:
+        return fused
+    raise ValueError(f"fused must be True, False or one of {FUSED_MODES}, got {fused!r}.")
 
 
 def _check_fusable(config: LoraConfig, where: str) -> None:
@@ -58,6 +78,19 @@ class FusedConvLoraMixin:
         _check_fusable(config, f"adapter '{adapter_name}' on a fused {type(self.get_base_layer()).__name__} LoRA layer")
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
+    fused_backward: str = "auto"
+
+    def _factored(self, x: torch.Tensor, active: list[str]) -> bool:
+        """Use the factored backward: training a frozen kernel outside autocast, and the mode or the device says so."""
+        weight = self.get_base_layer().weight
+        if (self.fused_backward == "merged" or not torch.is_grad_enabled() or weight.requires_grad
+                or x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type)):
+            return False
+        if self.fused_backward == "factored":
+            return True
+        rank = sum(self.r[a] for a in active)
+        return factored_is_faster(x.device, weight.shape[1], weight.shape[0], rank)
+
     def _fusable_adapters(self) -> list[str]:
         base = self.get_base_layer()
         active = [a for a in self.active_adapters if a in self.lora_A]
@@ -73,6 +106,13 @@ class FusedConvLoraMixin:
             return super().forward(x)
         base = self.get_base_layer()
         weight, bias = base.weight, base.bias
+        if self._factored(x, active):
+            for adapter in active:
+                if self.lora_bias[adapter]:
+                    extra = (self.lora_B[adapter].bias * self.scaling[adapter]).to(weight.dtype)
+                    bias = extra if bias is None else bias + extra
+            factors = [(self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a]) for a in active]
+            return factored_conv_lora(x, base, weight, bias, factors)
         for adapter in active:
             lora_a, lora_b, scaling = self.lora_A[adapter], self.lora_B[adapter], self.scaling[adapter]
             delta = lora_conv_delta_weight(lora_a.weight, lora_b.weight, scaling, weight.shape)
@@ -103,8 +143,29 @@ FUSED_LORA_CONV_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
-def use_fused_conv_lora(config: LoraConfig) -> LoraConfig:
+def _layers_with_backward(mode: str) -> dict[type[nn.Module], type[nn.Module]]:
+    """The fused layer classes whose backward is fixed to ``mode`` (module-level classes, so models pickle)."""
+    layers = {}
+    for conv, auto_cls in FUSED_LORA_CONV_LAYERS.items():
+        name = f"{auto_cls.__name__}{mode.title()}"
+        if name not in globals():
+            globals()[name] = type(name, (auto_cls,), {
+                "fused_backward": mode, "__module__": __name__,
+                "__doc__": f"{auto_cls.__name__} with the {mode} backward always.",
+            })
+        layers[conv] = globals()[name]
+    return layers
+
+
+_LAYERS_BY_MODE = {"auto": FUSED_LORA_CONV_LAYERS, **{m: _layers_with_backward(m) for m in ("merged", "factored")}}
+
+
+def use_fused_conv_lora(config: LoraConfig, mode: str = "auto") -> LoraConfig:
     """Make the convs that ``config`` wraps train as one conv with the merged kernel; returns ``config`` (changed).
+
+    ``mode``: the backward, ``"auto"`` (default: the faster of the two for each layer and device), ``"merged"``
+    (the merged kernel's weight gradient, projected on ``A`` and ``B``) or ``"factored"`` (see
+    :mod:`monai_peft.lora.factored`). Forward, gradients and the saved file are the same for all three.
 
     Works on any ``LoraConfig``, including one read from a saved adapter, which then loads fused::
 
@@ -116,12 +177,14 @@ def use_fused_conv_lora(config: LoraConfig) -> LoraConfig:
     runs the way that layer was created.
 
     Raises:
-        ValueError: ``lora_dropout > 0`` (dropout of the LoRA branch's input has no counterpart in one conv) or
-            ``use_dora=True``.
+        ValueError: ``lora_dropout > 0`` (dropout of the LoRA branch's input has no counterpart in one conv),
+            ``use_dora=True``, or an unknown ``mode``.
         TypeError: ``config`` is not a ``LoraConfig``.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"use_fused_conv_lora: expected a peft LoraConfig, got {type(config).__name__}.")
+    if mode not in FUSED_MODES:
+        raise ValueError(f"use_fused_conv_lora: mode must be one of {FUSED_MODES}, got {mode!r}.")
     _check_fusable(config, "fused=True")
-    register_custom_lora_layers(config, FUSED_LORA_CONV_LAYERS)
+    register_custom_lora_layers(config, _LAYERS_BY_MODE[mode])
     return config

@@ -16,13 +16,15 @@ its unused running buffers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
 
 from monai_peft.tuners.module_types import BATCH_NORM_TYPES
 
-__all__ = ["keep_frozen_batchnorm_statistics", "is_frozen"]
+__all__ = ["keep_frozen_batchnorm_statistics", "is_frozen", "keeps_statistics", "running_statistics_if_frozen"]
 
 _WAS_TRAINING = "_monai_peft_was_training"
 
@@ -41,6 +43,31 @@ def _use_running_statistics(module: nn.Module, args: Any) -> None:
 def _restore_training_flag(module: nn.Module, args: Any, output: Any) -> None:
     if module.__dict__.pop(_WAS_TRAINING, False):
         module.training = True
+
+
+def keeps_statistics(module: nn.Module) -> bool:
+    """``module`` is a batch norm made to keep its running statistics (hooked here) and is frozen now."""
+    return (isinstance(module, BATCH_NORM_TYPES) and is_frozen(module)
+            and any(h is _use_running_statistics for h in module._forward_pre_hooks.values()))
+
+
+@contextmanager
+def running_statistics_if_frozen(module: nn.Module) -> Iterator[None]:
+    """Decide "frozen" now, for a call that swaps other tensors in for the parameters (``functional_call``).
+
+    SSF folds its scale into a norm's weight (:mod:`monai_peft.tuners.ssf.layer`); the swapped-in weight requires a
+    gradient, so the forward hook would take the frozen batch norm for a trained one. Within this context a hooked,
+    frozen batch norm in training mode runs with ``training=False`` (running statistics, none updated), exactly as
+    the hook would run it with its own parameters.
+    """
+    switch = module.training and keeps_statistics(module)
+    if switch:
+        module.training = False
+    try:
+        yield
+    finally:
+        if switch:
+            module.training = True
 
 
 def keep_frozen_batchnorm_statistics(model: nn.Module, enabled: bool = True) -> int:

@@ -7,11 +7,14 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from torch.func import functional_call
 
 from monai_peft.tuners._common import NonWeightBaseLayerMixin
-from monai_peft.tuners.module_types import ANY_CONV_TYPES, CHANNEL_FIRST_NORM_TYPES, CONV_TRANSPOSE_TYPES
+from monai_peft.tuners.frozen_norm import running_statistics_if_frozen
+from monai_peft.tuners.module_types import ANY_CONV_TYPES, CHANNEL_FIRST_NORM_TYPES, CONV_TRANSPOSE_TYPES, NORM_TYPES
 
 from .config import SSFConfig
 
@@ -229,6 +232,11 @@ class SSFLayer(NonWeightBaseLayerMixin, BaseTunerLayer):
                 base.bias.data = record.bias.to(base.bias.dtype)
 
 
+def _same_float_dtype(*tensors: Optional[torch.Tensor]) -> bool:
+    dtypes = {t.dtype for t in tensors if t is not None}
+    return len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
+
+
 class SSFModule(nn.Module, SSFLayer):
     """A layer followed by SSF: ``forward(x) = scale * base(x) + shift`` per channel.
 
@@ -236,6 +244,13 @@ class SSFModule(nn.Module, SSFLayer):
     ``(..., C)`` with scale/shift over the last dimension. The affine map is computed in at least float32 and the
     result cast back to the base layer's output dtype, so half-precision models with float32 adapters and the
     reverse both work.
+
+    How it is computed (same result, fewer passes over the activations; issue 12): after a norm layer the scale and
+    shift are folded into the norm's own affine parameters (``norm(x) * (w * s) + (b * s + t)``), so the norm's
+    kernel produces the output and the gradients of ``s`` and ``t`` in its own backward, and no extra tensor is
+    stored; after a conv, the map runs as one eval-mode batch norm with zero mean and unit variance
+    (``eps = 0``), whose fused kernel computes the input, scale and shift gradients in one pass. Half precision,
+    autocast and ``Linear`` layers use the plain elementwise form.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SSFConfig, **kwargs: Any) -> None:
@@ -249,15 +264,47 @@ class SSFModule(nn.Module, SSFLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         names = self._adapters()
         if self.merged or not names:
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        if not args and not kwargs and isinstance(base, NORM_TYPES) and self._can_fold(x, base):
+            return self._norm_with_folded_ssf(x, base, names)
+        result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype
+        if self.channel_dim == 1 and result.dim() > 2 and self._can_fold(result, None):
+            scale, shift = self._scale_shift(names, result.device, dtype)
+            ones = torch.ones(self.channels, device=result.device, dtype=dtype)
+            zeros = torch.zeros_like(ones)
+            # eval-mode batch norm with mean 0, variance 1, eps 0: exactly scale * result + shift
+            return F.batch_norm(result, zeros, ones, ones if scale is None else scale,
+                                zeros if shift is None else shift, False, 0.0, 0.0)
         scale, shift = self._scale_shift(names, result.device, torch.promote_types(dtype, torch.float32))
         out = result if scale is None else result * self._view(scale, result.dim())
         out = out if shift is None else out + self._view(shift, result.dim())
         return out.to(dtype)
+
+    def _can_fold(self, x: torch.Tensor, base: Optional[nn.Module]) -> bool:
+        """The fast forms apply: float32/64 throughout, no autocast, adapters and base in one dtype."""
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+        params = [*self.ssf_scale.values(), *self.ssf_shift.values()]
+        if base is not None:
+            params += [getattr(base, "weight", None), getattr(base, "bias", None)]
+        return _same_float_dtype(x, *params)
+
+    def _norm_with_folded_ssf(self, x: torch.Tensor, base: nn.Module, names: list[str]) -> torch.Tensor:
+        """``base(x)`` with weight ``w * s`` and bias ``b * s + t`` (``w = 1``, ``b = 0`` without affine params)."""
+        scale, shift = self._scale_shift(names, x.device, x.dtype)
+        weight, bias = base.weight, base.bias
+        if scale is not None:
+            weight = scale if weight is None else weight * scale
+            bias = None if bias is None else bias * scale
+        if shift is not None:
+            bias = shift if bias is None else bias + shift
+        # the swapped-in tensors require grad; a frozen batch norm must still see itself as frozen
+        with running_statistics_if_frozen(base):
+            return functional_call(base, {"weight": weight, "bias": bias}, (x,))
 
     def __repr__(self) -> str:
         return "ssf." + super().__repr__()
