@@ -112,6 +112,9 @@ class ConvAdapterLayer(NonWeightBaseLayerMixin, BaseTunerLayer):
             h = down(source)
         h = self.conv_adapter_act[adapter_name](h)
         up, alpha = self.conv_adapter_up[adapter_name], self.conv_adapter_alpha[adapter_name].to(h.dtype)
+        if up._forward_hooks or up._forward_pre_hooks:
+            # an observer (Grad-CAM, ProtoSeg) hooks the up-projection: run it as the module it watches
+            return alpha.view(1, -1, *([1] * (h.dim() - 2))) * up(h)
         return channel_matmul(alpha[:, None] * up.weight.flatten(1), h, alpha * up.bias)
 
 
