@@ -109,6 +109,23 @@ def test_factored_lora_with_two_adapters_equals_peft():
     _assert_same(_run(peft_model, x), _run(fast, x))
 
 
+def test_factored_lora_on_a_meta_tensor_allows_an_in_place_op_after_the_conv():
+    """MONAI's engines feed MetaTensors; SegResNet's ResBlock adds its identity in place to the conv's output."""
+    from monai.data import MetaTensor
+
+    make_conv, shape = LORA_GEOMETRIES["3d-k3"]
+    peft_model, fast = _lora_pair(make_conv, "factored")
+    x = torch.randn(*shape, dtype=torch.float64)
+    grads = []
+    for model, inp in ((peft_model, x.clone()), (fast, MetaTensor(x.clone()))):
+        out = model(inp)
+        out += 1.0  # in place, as x += identity
+        out.square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_auto_picks_the_faster_backward_per_layer(monkeypatch):
     """CPU: factored only where the input has >= 64 channels and 2r < C_out (measured, see factored_is_faster)."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

@@ -135,6 +135,10 @@ def factored_conv_lora(
     Returns:
         ``(B, C_out, *spatial_out)``.
     """
+    if type(x) is not torch.Tensor:
+        # a tensor subclass (MONAI's MetaTensor) would hand the Function's output back as a view of it, which an
+        # in-place op after the conv (SegResNet's ``x += identity``) may not modify: run on the plain tensor
+        x = x.as_subclass(torch.Tensor)
     x, padding = conv_padding_for_factored(base, x)
     geometry = (tuple(base.stride), padding, tuple(base.dilation))
     flat = [t for a, b, _ in factors for t in (a, b)]
