@@ -143,15 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from monai_peft.io import atomic_write_json
-
-    atomic_write_json(out.with_suffix(".json"), result)
-    plot(result, out.with_suffix(".png"))
-    print(table(result))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
-    return 0
+    return harness.write_outputs(result, args.out, plot, table)
 
 
 if __name__ == "__main__":

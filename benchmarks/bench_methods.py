@@ -397,15 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": harness.environment(device),
         "networks": {name: bench_network(name, args, device) for name in args.networks},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from monai_peft.io import atomic_write_json
-
-    atomic_write_json(out.with_suffix(".json"), result)
-    plot(result, out.with_suffix(".png"))
-    print(table(result))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
-    return 0
+    return harness.write_outputs(result, args.out, plot, table)
 
 
 if __name__ == "__main__":

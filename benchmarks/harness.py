@@ -142,3 +142,17 @@ def measure_in_subprocess(script: Path, probe: dict[str, Any], timeout: float = 
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe {probe} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_outputs(result: dict[str, Any], out: str | Path, plot: Callable[[dict, Path], None],
+                  table: Callable[[dict], str]) -> int:
+    """Write ``<out>.json`` (atomically) and ``<out>.png``, print the Markdown table and the paths; returns exit 0."""
+    from monai_peft.io import atomic_write_json
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out.with_suffix(".json"), result)
+    plot(result, out.with_suffix(".png"))
+    print(table(result))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    return 0
