@@ -11,6 +11,7 @@ way for all of them. The selective baselines use peft's own
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from monai.networks.blocks import ResidualUnit
@@ -22,7 +23,7 @@ from monai_peft.lora import init_lora_pca_, lora_config
 from monai_peft.memory import checkpoint_mode, enable_activation_checkpointing
 from monai_peft.regions import regions_of
 from monai_peft.targeting import (
-    SPATIAL_CONV, ModuleType, Selector, SelectorLike, as_selector, exact_names_regex, resolve_targets,
+    SPATIAL_OR_TRANSPOSED_CONV, ModuleType, Selector, SelectorLike, as_selector, exact_names_regex, resolve_targets,
 )
 from monai_peft.tuners.bottleneck import BottleneckAdapterConfig, default_bottleneck_targets
 from monai_peft.tuners.conv_adapter import ConvAdapterConfig
@@ -87,6 +88,7 @@ def default_targets(
     *,
     regions: Optional[tuple[str, ...]] = None,
     blocks: Optional[bool] = None,
+    block_types: Optional[Sequence[type[nn.Module]]] = None,
 ) -> Selector:
     """The modules ``method`` wraps: the selector :func:`adapt` uses when ``target`` is not given, and the one rule
     the presets and the nnU-Net plugin ask too.
@@ -99,10 +101,13 @@ def default_targets(
             ``("encoder",)``. Default None: encoder + decoder (the whole network when none are declared).
         blocks: ``convadapter`` only: True wraps residual blocks, False spatial convs, None (default) blocks when
             the network has any, else spatial convs.
+        block_types: ``convadapter`` only: the block classes of the block placement; default
+            :data:`RESIDUAL_BLOCK_TYPES` (the nnU-Net plugin passes its architectures' conv blocks). Resolve a block
+            selector with ``resolve_targets(..., outermost=True)``.
 
     - ``convadapter``: residual blocks (:data:`RESIDUAL_BLOCK_TYPES`) in encoder + decoder (thesis Table 5.3,
-      best SegResNet placement); spatial (k > 1) convs there, the 1-channel input conv included, if the network has
-      no such blocks (thesis Table 5.4, UNet "LUConvs parallel");
+      best SegResNet placement); spatial (k > 1) convs and transposed convs there, the 1-channel input conv included,
+      if the network has no such blocks (thesis Table 5.4, UNet "LUConvs parallel");
     - ``lora``: convs (1x1 included) in encoder + decoder; peft 0.21's merge into 1x1x1 convs is patched by
       :mod:`monai_peft._peft_compat`;
     - ``ssf``: convs, norms and linear layers in encoder + decoder;
@@ -115,14 +120,14 @@ def default_targets(
     """
     model = user_network(model)
     if method == "convadapter":
-        in_blocks = _backbone(model, regions) & ModuleType(*RESIDUAL_BLOCK_TYPES)
+        in_blocks = _backbone(model, regions) & ModuleType(*(RESIDUAL_BLOCK_TYPES if block_types is None else block_types))
         if blocks is None:
             try:
                 resolve_targets(model, in_blocks)
                 return in_blocks
             except ValueError:
                 blocks = False
-        return in_blocks if blocks else _backbone(model, regions) & SPATIAL_CONV
+        return in_blocks if blocks else _backbone(model, regions) & SPATIAL_OR_TRANSPOSED_CONV
     if method == "lora":
         return _backbone(model, regions) & ModuleType(*CONV_TYPES)
     if method == "ssf":

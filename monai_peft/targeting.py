@@ -15,12 +15,12 @@ from torch import nn
 
 from monai_peft.regions import module_in_region, regions_of
 from monai_peft.tuners._common import exact_names_regex
-from monai_peft.tuners.module_types import CONV_TYPES, NORM_TYPES
+from monai_peft.tuners.module_types import ANY_CONV_TYPES, CONV_TYPES, NORM_TYPES
 from monai_peft.tuners.wrappers import WRAPPED_PARTS, is_wrapper_internal, user_network
 
 __all__ = [
     "Selector", "ModuleType", "NameRegex", "Region", "KernelSize", "Names", "resolve_targets", "as_selector",
-    "CONV_TYPES", "NORM_TYPES", "SPATIAL_CONV", "exact_names_regex",
+    "CONV_TYPES", "NORM_TYPES", "SPATIAL_CONV", "SPATIAL_OR_TRANSPOSED_CONV", "exact_names_regex",
 ]
 
 
@@ -122,14 +122,15 @@ class Region(Selector):
 
 
 class KernelSize(Selector):
-    """Convolutions whose largest kernel extent is at least ``min_size`` (``KernelSize(3)`` skips 1x1x1 convs)."""
+    """Convolutions (transposed ones too) whose largest kernel extent is at least ``min_size`` (``KernelSize(3)``
+    skips 1x1x1 convs)."""
 
     def __init__(self, min_size: int = 2) -> None:
         self.min_size = int(min_size)
 
     def matches(self, model: nn.Module, name: str, module: nn.Module) -> bool:
         ks = getattr(module, "kernel_size", None)
-        if ks is None or not isinstance(module, CONV_TYPES):
+        if ks is None or not isinstance(module, ANY_CONV_TYPES):
             return False
         ks = (ks,) if isinstance(ks, int) else tuple(ks)
         return max(ks) >= self.min_size
@@ -174,7 +175,10 @@ class _RegionOrRegex(Selector):
         return repr(self.text)
 
 
+#: spatial (k > 1) convs, not transposed: what every method can wrap (peft's LoRA has no ConvTranspose)
 SPATIAL_CONV: Selector = ModuleType(*CONV_TYPES) & KernelSize(2)
+#: spatial convs and transposed convs (up-sampling layers): ConvAdapter's per-conv placement
+SPATIAL_OR_TRANSPOSED_CONV: Selector = ModuleType(*ANY_CONV_TYPES) & KernelSize(2)
 
 
 def logical_named_modules(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:

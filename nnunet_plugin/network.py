@@ -17,7 +17,6 @@ from typing import Any
 
 from torch import nn
 
-from monai_peft.tuners.module_types import ANY_CONV_TYPES, CONV_TYPES, NORM_TYPES
 from monai_peft.tuners.wrappers import unwrap_network
 from monai_peft.tuners.wrappers import user_network as base_network  # the nnU-Net architecture object, e.g. for .decoder
 from nnunet_plugin.settings import PEFTSettings, speed_options
@@ -90,11 +89,13 @@ def seg_layer_names(network: nn.Module) -> list[str]:
 
 
 def adapter_targets(network: nn.Module, method: str, settings: PEFTSettings) -> list[str]:
-    """Module names the method adapts in ``settings.target`` regions.
+    """Module names the method adapts in ``settings.target`` regions: the core's rule
+    (:func:`monai_peft.adapt.default_targets`), asked with nnU-Net's conv blocks as the block placement's unit.
 
     - ``convadapter`` ``conv-*``: every spatial (kernel > 1) conv and transposed conv, the stem included (any
-      channel count takes an adapter, see ``monai_peft.ConvAdapterConfig``); ``residual-*``: every conv block
-      (``StackedConvBlocks`` of plain stages and the decoder, ``BasicBlockD`` / ``BottleneckD`` of residual stages).
+      channel count takes an adapter, see ``monai_peft.ConvAdapterConfig``); ``residual-*``: every conv block, the
+      outermost of ``StackedConvBlocks`` (plain stages, stem, decoder) and ``BasicBlockD`` / ``BottleneckD``
+      (residual stages).
     - ``lora``: every conv, 1x1 included (peft has no LoRA for transposed convs).
     - ``ssf``: every conv and norm layer (scale/shift after each, thesis 3.2.3).
 
@@ -109,40 +110,21 @@ def adapter_targets(network: nn.Module, method: str, settings: PEFTSettings) -> 
     from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
     from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 
-    from monai_peft.regions import module_in_region
+    from monai_peft.adapt import default_targets
+    from monai_peft.targeting import resolve_targets
 
-    names: list[str] = []
-    for name, module in network.named_modules():  # duplicates (all_modules.*, decoder.encoder.*) come once
-        if not name or not any(module_in_region(network, name, r) for r in settings.target):
-            continue
-        if method == "convadapter" and settings.placement.startswith("residual"):
-            if isinstance(module, (BasicBlockD, BottleneckD)):
-                names.append(name)
-            elif isinstance(module, StackedConvBlocks) and not any(name.startswith(n + ".") for n in names):
-                # plain stages and the decoder are StackedConvBlocks; residual stages hold BasicBlockDs instead
-                if not any(isinstance(m, (BasicBlockD, BottleneckD)) for m in module.modules()):
-                    names.append(name)
-        elif method == "convadapter":
-            if isinstance(module, ANY_CONV_TYPES) and any(k > 1 for k in module.kernel_size):
-                names.append(name)
-        elif method == "lora":
-            if isinstance(module, CONV_TYPES):  # peft's LoRA has no ConvTranspose
-                names.append(name)
-        elif method == "ssf":
-            if isinstance(module, CONV_TYPES) or isinstance(module, NORM_TYPES) and _has_affine(module):
-                names.append(name)
-        else:
-            raise ValueError(f"adapter_targets: method must be convadapter, lora or ssf, got {method!r}.")
-    if not names:
+    if method not in ("convadapter", "lora", "ssf"):
+        raise ValueError(f"adapter_targets: method must be convadapter, lora or ssf, got {method!r}.")
+    blocks = method == "convadapter" and settings.placement.startswith("residual")
+    selector = default_targets(network, method, regions=tuple(settings.target), blocks=blocks,
+                               block_types=(BasicBlockD, BottleneckD, StackedConvBlocks))
+    try:
+        return resolve_targets(network, selector, outermost=blocks)
+    except ValueError:
         raise ValueError(
             f"no {method} targets in regions {list(settings.target)} of {type(network).__name__} "
             f"(placement {settings.placement!r})."
-        )
-    return names
-
-
-def _has_affine(norm: nn.Module) -> bool:
-    return getattr(norm, "weight", None) is not None or getattr(norm, "affine", False)
+        ) from None
 
 
 def _alias_slots(model: nn.Module) -> dict[int, tuple[nn.Module, list[tuple[nn.Module, str]]]]:

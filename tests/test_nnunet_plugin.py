@@ -501,3 +501,33 @@ def test_speed_settings_reach_the_network_and_bad_values_name_the_variable(monke
     monkeypatch.delenv("nnUNet_peft_activation_checkpointing")
     plain = build_peft_network(_plain_unet(), "lora", PEFTSettings(rank=2))
     assert not any(isinstance(m, FusedConvLoraMixin) for m in plain.modules()) and not checkpointed_blocks(plain)
+
+
+@pytest.mark.parametrize("make", [_plain_unet, _resenc_unet])
+def test_plugin_targets_are_the_core_rule_with_nnunet_blocks(make):
+    """One resolver: the plugin's targets are default_targets' for every method, placement and region set; the
+    per-conv ConvAdapter placement takes the decoder's transposed convs, the block placement nnU-Net's conv blocks."""
+    import dataclasses
+
+    from dynamic_network_architectures.building_blocks.residual import BasicBlockD
+    from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
+
+    from monai_peft.adapt import default_targets
+    from monai_peft.targeting import resolve_targets
+    from nnunet_plugin.network import adapter_targets
+
+    net = make()
+    modules = dict(net.named_modules())
+    for method, placement in [("convadapter", "conv-parallel"), ("convadapter", "residual-parallel"),
+                              ("lora", "conv-parallel"), ("ssf", "conv-parallel")]:
+        for target in (("encoder",), ("decoder",), ("encoder", "decoder")):
+            settings = dataclasses.replace(PEFTSettings(), placement=placement, target=target)
+            names = adapter_targets(net, method, settings)
+            if method == "convadapter" and placement.startswith("residual"):
+                assert all(isinstance(modules[n], (StackedConvBlocks, BasicBlockD)) for n in names)
+                assert not any(a != b and b.startswith(a + ".") for a in names for b in names)  # outermost only
+            else:
+                assert names == resolve_targets(net, default_targets(net, method, regions=target))
+    conv_names = adapter_targets(net, "convadapter", PEFTSettings())
+    assert any(isinstance(modules[n], nn.ConvTranspose3d) for n in conv_names)
+    assert not any(isinstance(modules[n], nn.ConvTranspose3d) for n in adapter_targets(net, "lora", PEFTSettings()))
