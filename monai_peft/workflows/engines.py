@@ -128,18 +128,35 @@ def build_evaluator(
         progress: show an ignite ProgressBar.
         amp: autocast on CUDA.
     """
-    num_classes = len(class_names) + 1
     handlers: list[Any] = [StatsHandler(iteration_log=False, output_transform=lambda x: None)]
     if record_path is not None:
         handlers.append(RunRecordWriter(record_path, metric_name="val_mean_dice"))
+    return _dice_evaluator(network, val_loader, class_names, "val_mean_dice", handlers, device, roi_size,
+                           sw_batch_size, progress, amp)
+
+
+def _dice_evaluator(
+    network: torch.nn.Module,
+    loader: Iterable,
+    class_names: Sequence[str],
+    metric_name: str,
+    handlers: list[Any],
+    device: str | torch.device,
+    roi_size: Sequence[int] | None,
+    sw_batch_size: int,
+    progress: bool,
+    amp: bool = False,
+) -> SupervisedEvaluator:
+    """A segmentation evaluator: sliding-window (or whole-volume) inference, argmax post-processing and
+    :class:`PerClassDice` as key metric ``metric_name``."""
     evaluator = SupervisedEvaluator(
         device=torch.device(device),
-        val_data_loader=val_loader,
+        val_data_loader=loader,
         network=network,
         inferer=build_inferer(roi_size, sw_batch_size),
-        postprocessing=build_post_transforms(num_classes),
-        key_val_metric={"val_mean_dice": PerClassDice(class_names=list(class_names),
-                                                      output_transform=from_engine(["pred", "label"]))},
+        postprocessing=build_post_transforms(len(class_names) + 1),
+        key_val_metric={metric_name: PerClassDice(class_names=list(class_names),
+                                                  output_transform=from_engine(["pred", "label"]))},
         val_handlers=handlers,
         amp=amp,
     )
@@ -244,21 +261,10 @@ def build_test_evaluator(
     """
     output_dir = Path(output_dir)
     record = output_dir / "results.json"
-    num_classes = len(class_names) + 1
-    evaluator = SupervisedEvaluator(
-        device=torch.device(device),
-        val_data_loader=test_loader,
-        network=network,
-        inferer=build_inferer(roi_size, sw_batch_size),
-        postprocessing=build_post_transforms(num_classes),
-        key_val_metric={"test_mean_dice": PerClassDice(class_names=list(class_names),
-                                                       output_transform=from_engine(["pred", "label"]))},
-        # the cost meter goes first so the NSD computation of the writer is not timed as inference
-        val_handlers=[
-            CostMeter(phase="inference", record_path=record),
-            CaseMetricsWriter(output_dir, class_names, record_path=record, nsd_tolerance_mm=nsd_tolerance_mm),
-        ],
-    )
-    if progress:
-        _progress(evaluator)
-    return evaluator
+    # the cost meter goes first so the NSD computation of the writer is not timed as inference
+    handlers = [
+        CostMeter(phase="inference", record_path=record),
+        CaseMetricsWriter(output_dir, class_names, record_path=record, nsd_tolerance_mm=nsd_tolerance_mm),
+    ]
+    return _dice_evaluator(network, test_loader, class_names, "test_mean_dice", handlers, device, roi_size,
+                           sw_batch_size, progress)
