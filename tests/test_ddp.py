@@ -75,6 +75,7 @@ for name, kwargs in CONFIGS.items():
                      "frozen_unchanged": unchanged}
 Path = __import__("pathlib").Path
 Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(results))
+dist.barrier()  # both ranks done before the group goes (gloo threads otherwise may abort at exit)
 dist.destroy_process_group()
 '''
 
@@ -106,6 +107,7 @@ result = {
     "checksum": float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(trainable))),
 }
 __import__("pathlib").Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result))
+dist.barrier()  # both ranks done before the group goes (gloo threads otherwise may abort at exit)
 dist.destroy_process_group()
 '''
 
