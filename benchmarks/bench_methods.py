@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import statistics
 import sys
@@ -377,12 +376,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.memory_probe is not None:
-        print(json.dumps(memory_probe(json.loads(args.memory_probe))))
-        return 0
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"error: --device {args.device}: no CUDA device is available", file=sys.stderr)
-        return 2
+    if (code := harness.probe_or_device_check(args, memory_probe)) is not None:
+        return code
     if (args.size % 8 or args.size < 8 or args.batch < 1 or args.rounds < 1 or args.warmup < 0 or min(args.ranks) < 1
             or args.probe_jobs < 1):
         print("error: --size must be a multiple of 8, --batch/--rounds/--probe-jobs/ranks >= 1, --warmup >= 0",

@@ -30,7 +30,6 @@ Writes ``<out>.json`` and ``<out>.png``; prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -321,12 +320,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.memory_probe is not None:
-        print(json.dumps(memory_probe(json.loads(args.memory_probe))))
-        return 0
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"error: --device {args.device}: no CUDA device is available", file=sys.stderr)
-        return 2
+    if (code := harness.probe_or_device_check(args, memory_probe)) is not None:
+        return code
     if args.shape < 16 or args.cases < 5 or args.iterations < 1 or args.rounds < 1 or args.warmup < 0 \
             or args.probe_jobs < 1:
         print("error: --shape >= 16, --cases >= 5, --iterations/--rounds/--probe-jobs >= 1 and --warmup >= 0 "

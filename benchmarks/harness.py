@@ -156,3 +156,15 @@ def write_outputs(result: dict[str, Any], out: str | Path, plot: Callable[[dict,
     print(table(result))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return 0
+
+
+def probe_or_device_check(args: Any, memory_probe: Callable[[dict], dict]) -> int | None:
+    """The start of a benchmark's ``main``: in its ``--memory-probe`` role (a fresh subprocess) print the probe's JSON
+    and return 0; return 2 with an error line when CUDA is asked for and absent; None to go on."""
+    if args.memory_probe is not None:
+        print(json.dumps(memory_probe(json.loads(args.memory_probe))))
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: no CUDA device is available", file=sys.stderr)
+        return 2
+    return None
