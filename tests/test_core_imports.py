@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 
@@ -21,12 +22,12 @@ NNUNET_PACKAGES = ("nnunet_plugin", "dynamic_network_architectures", "nnunetv2")
 PROBE = r"""
 import importlib, json, sys
 from_nnunet = lambda names: sorted(m for m in names if m.split(".")[0] in {packages})
-before = set(sys.modules)  # the nnunet_plugin .pth hook may already have run at interpreter start
+# the interpreter started with the plugin's .pth hook active: it must leave no nnU-Net module behind either
 for name in sys.argv[1].split(","):
     importlib.import_module(name)
 from monai_peft.regions import REGION_REGISTRY
 registered = lambda: sorted(f"{c.__module__}.{c.__name__}" for c in REGION_REGISTRY)
-core = {"loaded": from_nnunet(set(sys.modules) - before), "registered": registered()}
+core = {"loaded": from_nnunet(set(sys.modules)), "registered": registered()}
 importlib.import_module("nnunet_plugin.network")
 print(json.dumps({"core": core, "plugin": {"registered": registered()}}))
 """.replace("{packages}", repr(set(NNUNET_PACKAGES)))
@@ -34,8 +35,9 @@ print(json.dumps({"core": core, "plugin": {"registered": registered()}}))
 
 def test_core_loads_no_nnunet_module_and_the_plugin_registers_its_regions():
     """One fresh interpreter: first the core and every method module, then the plugin."""
+    env = {k: v for k, v in os.environ.items() if k != "MONAI_PEFT_NO_NNUNET_HOOK"}
     proc = subprocess.run([sys.executable, "-c", PROBE, ",".join(CORE_MODULES)], capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
+                          timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     core, plugin = result["core"], result["plugin"]

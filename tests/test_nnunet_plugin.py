@@ -79,12 +79,15 @@ def test_pth_hook_and_main_print_the_folder(tmp_path):
     (site_dir / "monai_peft_nnunet.pth").write_text((REPO / "nnunet_plugin" / "monai_peft_nnunet.pth").read_text())
     env = {k: v for k, v in os.environ.items() if k not in (EXT_TRAINER_ENV, "MONAI_PEFT_NO_NNUNET_HOOK")}
     env[EXT_TRAINER_ENV] = "/opt/user_trainers"
-    code = f"import site, os; site.addsitedir({str(site_dir)!r}); print(os.environ[{EXT_TRAINER_ENV!r}])"
+    code = (f"import site, os, sys; site.addsitedir({str(site_dir)!r}); print(os.environ[{EXT_TRAINER_ENV!r}]); "
+            "print(sorted(m for m in sys.modules if m.startswith('nnunet')))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip().split(os.pathsep) == ["/opt/user_trainers", ext_trainer_folder()]
+    folders, modules = out.stdout.strip().splitlines()
+    assert folders.split(os.pathsep) == ["/opt/user_trainers", ext_trainer_folder()]
+    assert modules == "[]", "the hook registers the folder without importing the nnunet_plugin package"
     env["MONAI_PEFT_NO_NNUNET_HOOK"] = "1"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "/opt/user_trainers"
+    assert out.stdout.strip().splitlines()[0] == "/opt/user_trainers"
     out = subprocess.run([sys.executable, "-m", "nnunet_plugin"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ext_trainer_folder()
 
