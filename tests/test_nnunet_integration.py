@@ -131,10 +131,10 @@ def _check_finetuned(pipeline, trainer: str, pretrained: Path, method: str) -> d
     return {"ratio": ratio, "tuned": tuned, "adapter": adapter}
 
 
-def _labels_of_prediction(path: Path, reference: Path) -> np.ndarray:
+def _assert_on_image_grid(path: Path, reference: Path) -> None:
     pred = nib.load(str(path))
     assert pred.shape == nib.load(str(reference)).shape
-    return np.unique(np.asanyarray(pred.dataobj))
+    np.testing.assert_allclose(pred.affine, nib.load(str(reference)).affine, atol=1e-5)
 
 
 def test_convadapter_train_predict_validate_rebuild(pipeline):
@@ -150,9 +150,9 @@ def test_convadapter_train_predict_validate_rebuild(pipeline):
     out = pipeline["root"] / "pred_convadapter"
     nnunet("nnUNetv2_predict", "-i", str(pipeline["images"]), "-o", str(out), "-d", "902", "-c", CONFIG,
            "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar", env=env)
-    for case in ("phantomb_000", "phantomb_003"):
-        labels = _labels_of_prediction(out / f"{case}.nii.gz", pipeline["images"] / f"{case}_0000.nii.gz")
-        assert set(labels.tolist()) <= {0, 1}
+    cases = ("phantomb_000", "phantomb_003")
+    for case in cases:
+        _assert_on_image_grid(out / f"{case}.nii.gz", pipeline["images"] / f"{case}_0000.nii.gz")
 
     # --val validates the finished run with the adapters in place
     nnunet("nnUNetv2_train", "902", CONFIG, "0", "-tr", trainer, "-device", "cpu", "--val", env=env)
@@ -172,10 +172,11 @@ def test_convadapter_train_predict_validate_rebuild(pipeline):
     predictor = predictor_from_adapter(pretrained, result["adapter"])
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-    image, props = SimpleITKIO().read_images([str(pipeline["images"] / "phantomb_000_0000.nii.gz")])
-    seg = predictor.predict_single_npy_array(image, props, None, None, False)
-    stock = SimpleITKIO().read_seg(str(out / "phantomb_000.nii.gz"))[0][0]
-    assert np.array_equal(seg, stock)
+    for case in cases:  # the stock predictions equal the rebuilt network's
+        image, props = SimpleITKIO().read_images([str(pipeline["images"] / f"{case}_0000.nii.gz")])
+        seg = predictor.predict_single_npy_array(image, props, None, None, False)
+        stock = SimpleITKIO().read_seg(str(out / f"{case}.nii.gz"))[0][0]
+        assert np.array_equal(seg, stock), case
 
 
 def _as_if_saved_on_gpu(src: Path, dst: Path) -> Path:
@@ -210,7 +211,7 @@ def _predict_in_process(pipeline, trainer: str, base_weights: Path) -> None:
             os.environ["nnUNet_extTrainer"] = old
     image, props = SimpleITKIO().read_images([str(pipeline["images"] / "phantomb_003_0000.nii.gz")])
     seg = predictor.predict_single_npy_array(image, props, None, None, False)
-    assert seg.shape == image.shape[1:] and set(np.unique(seg).tolist()) <= {0, 1}  # Dataset902: one label
+    assert seg.shape == image.shape[1:]
     adapter = adapter_path_for(_fold(pipeline, trainer) / "checkpoint_final.pth")
     rebuilt = predictor_from_adapter(base_weights, adapter).predict_single_npy_array(image, props, None, None, False)
     assert np.array_equal(seg, rebuilt)
