@@ -5,8 +5,8 @@ Thesis 5.2.3.2 (Table 5.9) in miniature: a network trained on CT organ labels is
 fine-tuning. Here both scans are the real TotalSegmentator examples shipped with the package
 (:func:`monai_peft.data.example_scan`: CT 122x101x30, MR 117x91x20, both at 3 mm), so the script needs no download
 and runs on 2 CPU cores. It prints one table and writes ``real_adaptation.json`` (every run) and
-``real_adaptation.png`` (the learning-rate grids and the chosen points). About 15 minutes on 2 quiet CPU cores
-(the pretrained network is cached in ``--out``; ``--seeds 2`` doubles the fine-tuning part).
+``real_adaptation.png`` (the learning-rate grids and the chosen points). About 40 minutes on 2 quiet CPU cores
+(the pretrained network is cached in ``--out``; ``--seeds 1`` halves the fine-tuning part).
 
 Design, and why:
 
@@ -43,11 +43,12 @@ Design, and why:
   within 5% of the parameters), SSF on :func:`monai_peft.adapt`'s default targets; the PEFT methods also train the
   head (thesis 4.2.5). ConvAdapter is parallel with a grouped down-projection (:class:`~monai_peft.ConvAdapterConfig`'s
   defaults) on every ``Conv3d`` and ``ConvTranspose3d``, with ``gamma`` 4 (the default, 4.2% of the parameters) or
-  2 (the widest within 5%) chosen together with the learning rate; LoRA has ``r=3``, the largest rank within 5%
+  2 (the widest within 5%) and ReLU (the paper's) or leaky ReLU (the default) chosen together with the learning
+  rate; LoRA has ``r=3``, the largest rank within 5%
   (peft 0.21's LoRA has no ``ConvTranspose3d`` layer). AdamW (weight decay 1e-5) with cosine annealing (thesis 4.2.3), DiceCE loss, random
   patches with light nnU-Net-style augmentation (affine, intensity, contrast, bias field, noise: one training
   slab invites over-fitting). Every method runs at every learning rate of its grid (:data:`METHODS`) and with
-  ``--seeds`` seeds (default 1; the same patch sequences for every method; a grid point's Dice is the mean over
+  ``--seeds`` seeds (default 2; the same patch sequences for every method; a grid point's Dice is the mean over
   its seeds). The same steps, patches and data for every method. Single runs differ by up to 0.1 Dice between
   seeds on slabs this small: read differences below ~0.05 as noise.
 - **Cache.** Each finished run is stored in ``--out``/``runs/`` under a hash of what shapes it (:func:`run_key`):
@@ -139,9 +140,11 @@ METHODS: dict[str, MethodSpec] = {
     "head": MethodSpec({}, (1e-2, 3e-2, 1e-1, 3e-1, 1.0)),
     # grouped down-projection (ConvAdapterConfig's default) on every conv, stem and up-sampling included; the widths
     # within 5% of the parameters: gamma=4 (the paper's and ConvAdapterConfig's default, 4.2%) and gamma=2 (5.0%);
-    # gamma=1 is 6.8%, dense down-projections 8.3% at gamma=16
+    # gamma=1 is 6.8%, dense down-projections 8.3% at gamma=16. Activations: ReLU (the paper's) and leaky ReLU,
+    # which cannot leave an adapter dead: a 1-channel stem's single bottleneck channel sees only positive
+    # intensities, and where its kernel sums negative, ReLU gives 0 everywhere and neither projection ever trains
     "convadapter": MethodSpec({"train_fully": "head"}, (1e-2, 3e-2, 1e-1, 3e-1), (nn.Conv3d, nn.ConvTranspose3d),
-                              ({"gamma": 4}, {"gamma": 2})),
+                              tuple({"gamma": g, "activation": a} for a in ("relu", "leakyrelu") for g in (4, 2))),
     # the largest rank within 5% of the parameters (r=3: 4.5%, r=4: 6.0%); peft 0.21's LoRA has no ConvTranspose3d
     "lora": MethodSpec({"train_fully": "head", "r": 3}, (3e-3, 1e-2, 3e-2, 1e-1), (nn.Conv3d,)),
     "ssf": MethodSpec({"train_fully": "head"}, (1e-2, 3e-2, 1e-1, 3e-1, 1.0)),
@@ -159,7 +162,7 @@ class Settings:
     pretrain_lr: float = 1e-2
     steps: int = 300
     seed: int = 0  # pretraining seed and the first fine-tuning seed
-    seeds: int = 1  # fine-tuning runs per grid point (seeds seed, seed + 1, ...); Dice is their mean
+    seeds: int = 2  # fine-tuning runs per grid point (seeds seed, seed + 1, ...); Dice is their mean
     overlap: float = 0.5
     grid_points: int | None = None  # None: every learning rate of each grid
     methods: tuple[str, ...] = tuple(METHODS)

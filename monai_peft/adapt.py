@@ -28,7 +28,7 @@ from monai_peft.targeting import (
 from monai_peft.tuners.bottleneck import BottleneckAdapterConfig, default_bottleneck_targets
 from monai_peft.tuners.conv_adapter import ConvAdapterConfig
 from monai_peft.tuners.frozen_norm import keep_frozen_batchnorm_statistics
-from monai_peft.tuners.module_types import CONV_TYPES, NORM_TYPES
+from monai_peft.tuners.module_types import ANY_CONV_TYPES, CONV_TYPES, NORM_TYPES
 from monai_peft.tuners.ssf import SSFConfig
 from monai_peft.tuners.ssf.layer import SUPPORTED_TYPES as SSF_TYPES
 from monai_peft.tuners.vpt import VPTConfig, default_vpt_targets
@@ -110,7 +110,7 @@ def default_targets(
       if the network has no such blocks (thesis Table 5.4, UNet "LUConvs parallel");
     - ``lora``: convs (1x1 included) in encoder + decoder; peft 0.21's merge into 1x1x1 convs is patched by
       :mod:`monai_peft._peft_compat`;
-    - ``ssf``: convs, norms and linear layers in encoder + decoder;
+    - ``ssf``: convs (transposed convs included), norms and linear layers in encoder + decoder;
     - ``bitfit``: every conv/norm/linear layer that has a bias, anywhere;
     - ``norm``: every norm layer; ``head``: the head region; ``decoder``: decoder + head; ``full``: everything;
     - ``vpt``: every transformer block of a known family (Segformer: each block's attention), anywhere;
@@ -131,7 +131,7 @@ def default_targets(
     if method == "lora":
         return _backbone(model, regions) & ModuleType(*CONV_TYPES)
     if method == "ssf":
-        return _backbone(model, regions) & ModuleType(*CONV_TYPES, *NORM_TYPES, nn.Linear)
+        return _backbone(model, regions) & ModuleType(*ANY_CONV_TYPES, *NORM_TYPES, nn.Linear)
     if method == "bitfit":
         return ModuleType(*SSF_TYPES) & _HasBias()
     if method == "norm":

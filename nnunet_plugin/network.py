@@ -97,7 +97,7 @@ def adapter_targets(network: nn.Module, method: str, settings: PEFTSettings) -> 
       outermost of ``StackedConvBlocks`` (plain stages, stem, decoder) and ``BasicBlockD`` / ``BottleneckD``
       (residual stages).
     - ``lora``: every conv, 1x1 included (peft has no LoRA for transposed convs).
-    - ``ssf``: every conv and norm layer (scale/shift after each, thesis 3.2.3).
+    - ``ssf``: every conv (transposed convs included) and norm layer (scale/shift after each, thesis 3.2.3).
 
     Args:
         network: the plain nnU-Net network.

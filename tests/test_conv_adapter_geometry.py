@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from peft import get_peft_model
+import torch.nn.functional as F
 from torch import nn
 
 from monai_peft import ConvAdapterConfig
@@ -131,6 +132,69 @@ def test_paper_adapter_on_a_1_channel_stem_and_awkward_widths():
     assert widths == {"0": 1, "2": 2, "3": 2, "4": 2}
 
 
+@pytest.mark.parametrize("activation", ["leakyrelu", "relu"])
+def test_default_adapter_on_a_1_channel_stem_trains_where_relu_would_stay_dead(activation):
+    """A 1-channel stem over positive intensities, with the (only) bottleneck channel's kernel summing negative: every
+    ReLU output is 0, the zero up-projection gets no gradient and the down-projection none through it, so a ReLU
+    adapter never trains. The default (leaky ReLU) trains both projections."""
+    torch.manual_seed(0)
+    stem = nn.Conv3d(1, 4, 3, padding=1)
+    config = ConvAdapterConfig(target_modules=["layer"]) if activation == "leakyrelu" else \
+        ConvAdapterConfig(target_modules=["layer"], activation=activation)
+    pm = get_peft_model(Wrap(stem), config)
+    layer = pm.base_model.model.layer
+    down, up = layer.conv_adapter_down["default"], layer.conv_adapter_up["default"]
+    assert down.out_channels == 1
+    with torch.no_grad():
+        down.weight.copy_(-down.weight.abs())  # kernel sum < 0: dead on positive inputs under ReLU
+    before = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)  # no decay: moves = grads
+    x = torch.rand(2, 1, 6, 6, 6) + 0.1  # image intensities scaled to (0, 1]: all positive
+    target = torch.randn(2, 4, 6, 6, 6)
+    for _ in range(3):
+        optimizer.zero_grad()
+        ((pm(x) - target) ** 2).mean().backward()
+        optimizer.step()
+    moved = {n for n, p in pm.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    projections = {n for n in before if "conv_adapter_down" in n or n.endswith("conv_adapter_up.default.weight")}
+    if activation == "relu":
+        assert not moved & projections  # the failure the default avoids
+    else:
+        assert projections <= moved
+
+
+@pytest.mark.parametrize("insertion", ["parallel", "sequential"])
+@pytest.mark.parametrize("features", [(1, 1), (5, 10), (7, 3), (16, 16)])
+def test_linear_layer_takes_the_adapter_as_a_1x1_conv_over_its_features(features, insertion):
+    """A linear layer (peft's mock MLPs, SE blocks, classifier heads) takes the same adapter: down-projection,
+    activation, up-projection and scale applied to the feature dimension of ``(..., C)`` tensors, checked against
+    that computation written with ``F.linear``."""
+    c_in, c_out = features
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, c_in)
+    pm = get_peft_model(Wrap(nn.Linear(c_in, c_out)), ConvAdapterConfig(target_modules=["layer"], insertion=insertion))
+    layer = pm.base_model.model.layer
+    with torch.no_grad():
+        assert torch.equal(pm(x), layer.get_base_layer()(x))  # identity at init
+        for p in (layer.conv_adapter_up["default"].weight, layer.conv_adapter_up["default"].bias,
+                  layer.conv_adapter_alpha["default"]):
+            p.copy_(torch.randn_like(p))
+        down, up = layer.conv_adapter_down["default"], layer.conv_adapter_up["default"]
+        base = layer.get_base_layer()(x)
+        source = x if insertion == "parallel" else base
+        groups, hidden = down.groups, down.out_channels
+        parts = torch.split(source, source.shape[-1] // groups, dim=-1)
+        weights = torch.split(down.weight[..., 0], hidden // groups, dim=0)
+        h = torch.cat([F.linear(p, w) for p, w in zip(parts, weights)], dim=-1) + down.bias
+        expected = base + layer.conv_adapter_alpha["default"] * F.linear(F.leaky_relu(h, 0.01), up.weight[..., 0],
+                                                                          up.bias)
+        out = pm(x)
+    assert out.shape == (4, 3, c_out)
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match="a linear layer has no spatial extent"):
+        get_peft_model(Wrap(nn.Linear(c_in, c_out)), ConvAdapterConfig(target_modules=["layer"], kernel_size=3))
+
+
 def test_transposed_conv_output_size_argument_reaches_the_adapter():
     up = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1)
     pm = get_peft_model(Wrap(up), ConvAdapterConfig(target_modules=["layer"], init_weights=False))
@@ -197,7 +261,7 @@ def test_upsampling_block_takes_an_adapter(transposed, insertion):
 
 def test_bad_targets_name_the_module_and_wrap_nothing():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), UpBlock(8, 8, 1.5), nn.Conv2d(8, 8, 3, padding=1),
-                          nn.Upsample(scale_factor=2), nn.Linear(4, 4))
+                          nn.Upsample(scale_factor=2), nn.Embedding(4, 4))
     before = [type(m) for m in model.modules()]
     with pytest.raises(ValueError, match=r"ConvAdapter cannot adapt '1' \(UpBlock\): UpBlock maps spatial size 16 to "
                                          r"\(24, 24\).*by an integer factor"):
@@ -205,7 +269,7 @@ def test_bad_targets_name_the_module_and_wrap_nothing():
     assert [type(m) for m in model.modules()] == before, "a failed get_peft_model left wrapped modules behind"
     with pytest.raises(TypeError, match=r"ConvAdapter cannot adapt '3' \(Upsample\): Upsample contains no Conv1d"):
         get_peft_model(model, ConvAdapterConfig(target_modules=["0", "2", "3"]))
-    with pytest.raises(TypeError, match=r"ConvAdapter cannot adapt '4' \(Linear\)"):
+    with pytest.raises(TypeError, match=r"ConvAdapter cannot adapt '4' \(Embedding\): Embedding is not a convolution"):
         get_peft_model(model, ConvAdapterConfig(target_modules=["0", "4"]))
     assert [type(m) for m in model.modules()] == before
     # a second adapter that fails leaves the first one exactly as it was

@@ -172,6 +172,8 @@ CASES = [
          _ca(insertion="sequential", adapter_conv="dense", activation="prelu")),
     _cnn("ca-conv3d", partial(_conv, lambda: nn.Conv3d(5, 10, 3), (9, 5, 3, 3, 3)), _ca()),
     _cnn("ca-convT2d", partial(_conv, lambda: nn.ConvTranspose2d(5, 10, 2, stride=2), (9, 5, 3, 3)), _ca()),
+    _cnn("ca-mlp", _mlp, _ca(("lin0", "lin1"))),
+    _cnn("ca-mlp-layernorm-sequential", partial(_mlp, True), _ca(("lin0", "lin1"), insertion="sequential", gamma=2)),
     _cnn("ca-block-with-bn", partial(_conv, lambda: nn.Sequential(nn.Conv2d(5, 10, 3, padding=1), nn.BatchNorm2d(10)),
                                      (9, 5, 4, 4)), _ca(gamma=2)),
     _cnn("ssf-mlp", _mlp, _ssf(("lin0", "lin1")), True),
@@ -596,6 +598,23 @@ def test_merge_unmerge_and_unload(case, tmp_path):
         assert torch.allclose(_run(merged, x), out, atol=1e-5)
         assert torch.allclose(_run(pickle.loads(pickle.dumps(merged)), x), out, atol=1e-5)
     save_file(merged.state_dict(), str(tmp_path / "merged.safetensors"))  # merged tensors are contiguous
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_ssf_merges_a_float64_layer_to_float64_precision(groups):
+    """The merge computes in the layer's precision (at least float32): a float64 model merged gives its unmerged output
+    to ~1e-15, not float32's ~1e-7 (a float32 merge of a float64 layer was off by 5e-8 here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, groups=groups)).double()
+    pm = get_peft_model(model, SSFConfig(target_modules=["0"], init_weights=False)).eval()
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    base_weight = pm.base_model.model[0].get_base_layer().weight.clone()
+    with torch.no_grad():
+        out = pm(x)
+        pm.merge_adapter()
+        torch.testing.assert_close(pm(x), out, rtol=0.0, atol=1e-12)
+        pm.unmerge_adapter()
+    torch.testing.assert_close(pm.base_model.model[0].get_base_layer().weight, base_weight, rtol=0.0, atol=1e-15)
 
 
 @pytest.mark.parametrize("case", MERGEABLE, ids=[c.id for c in MERGEABLE])

@@ -68,7 +68,8 @@ def test_quick_run_writes_a_consistent_table_json_and_png(tmp_path):
     assert sorted((g["method"], json.dumps(g["options"]), g["lr"]) for g in grid) == sorted(
         (m, json.dumps(v), lr) for m in settings["methods"] for v in settings["variants"][m]
         for lr in settings["lr_grids"][m])
-    assert settings["variants"]["convadapter"] == [{"gamma": 4}, {"gamma": 2}]
+    assert settings["variants"]["convadapter"] == [{"gamma": g, "activation": a} for a in ("relu", "leakyrelu")
+                                                   for g in (4, 2)]
     assert all(len(settings["lr_grids"][m]) == 2 for m in settings["methods"])
 
     # each slab's mean Dice is the mean of its scored classes' Dice (absent prediction = 0)
@@ -89,7 +90,7 @@ def test_quick_run_writes_a_consistent_table_json_and_png(tmp_path):
     for method in settings["methods"]:
         row, points = rows[method], [g for g in grid if g["method"] == method]
         # fold A: the rate is chosen on the validation slab and scored on the test slab; fold B the other way round
-        # (ConvAdapter's gamma is chosen with the rate)
+        # (ConvAdapter's gamma and activation are chosen with the rate)
         for chosen, options, on, scored in (("lr", "options", "val", "test_dice"),
                                             ("lr_b", "options_b", "test", "val_dice_b")):
             best = max(g[f"{on}_dice"] for g in points)

@@ -89,6 +89,8 @@ class AdapterGeometry:
         padding_mode: padding mode of that conv (``"zeros"`` for transposed convs and blocks).
         is_block: the module is a block, not a single conv.
         size_map: ``((input size, output size), ...)`` measured on a block (empty for convs).
+        features_last: the module is an ``nn.Linear``: its tensors are ``(..., features)``, and the adapter runs as
+            a 1-D conv with kernel 1 on them viewed as ``(N, features, 1)``.
     """
 
     spatial_dims: int
@@ -100,6 +102,7 @@ class AdapterGeometry:
     padding_mode: str = "zeros"
     is_block: bool = False
     size_map: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
+    features_last: bool = False
 
     @property
     def sequential(self) -> ConvSpec:
@@ -188,8 +191,14 @@ def _block_geometry(block: nn.Module) -> AdapterGeometry:
     return AdapterGeometry(n, first.in_channels, out_channels, spec, k, d, is_block=True, size_map=tuple(sizes))
 
 
+def _linear_geometry(linear: nn.Linear) -> AdapterGeometry:
+    """A linear layer is a 1x1 conv over its features: kernel 1, stride 1, no padding, one spatial dim."""
+    spec = ConvSpec(kernel_size=(1,), stride=(1,), padding=(0,), dilation=(1,))
+    return AdapterGeometry(1, linear.in_features, linear.out_features, spec, (1,), (1,), features_last=True)
+
+
 def module_geometry(module: nn.Module) -> AdapterGeometry:
-    """Geometry of a conv, transposed conv or block that a ConvAdapter is attached to.
+    """Geometry of a conv, transposed conv, linear layer or block that a ConvAdapter is attached to.
 
     Raises:
         TypeError: the module contains no (transposed) convolution, or it cannot run on one tensor.
@@ -197,6 +206,8 @@ def module_geometry(module: nn.Module) -> AdapterGeometry:
     """
     if isinstance(module, ANY_CONV_TYPES):
         return _conv_geometry(module)
+    if isinstance(module, nn.Linear):
+        return _linear_geometry(module)
     if not any(isinstance(m, ANY_CONV_TYPES) for m in module.modules()):
         raise TypeError(
             f"{type(module).__name__} contains no Conv1d/2d/3d or ConvTranspose1d/2d/3d, so a ConvAdapter has no "
@@ -261,11 +272,14 @@ def build_down_projection(
             keeps the output size.
 
     Raises:
-        ValueError: ``kernel_size`` cannot give the module's output size (no padding does), or a block's measured
-            sizes disagree with the down-projection's.
+        ValueError: ``kernel_size`` cannot give the module's output size (no padding does), a block's measured
+            sizes disagree with the down-projection's, or a kernel other than 1 for a linear layer.
     """
     n = geometry.spatial_dims
     channels = geometry.in_channels if insertion == "parallel" else geometry.out_channels
+    if geometry.features_last and kernel_size not in (None, 1):
+        raise ValueError(f"ConvAdapterConfig.kernel_size={kernel_size}: a linear layer has no spatial extent; a "
+                         "ConvAdapter on it uses kernel 1, leave kernel_size=None.")
     if insertion == "sequential":
         spec = geometry.sequential
         if kernel_size is not None:

@@ -94,7 +94,8 @@ class ConvAdapterLayer(NonWeightBaseLayerMixin, BaseTunerLayer):
         warnings.warn("ConvAdapter is never merged; nothing to unmerge.")
 
     def _adapter_delta(self, adapter_name: str, source: torch.Tensor, output_size: Any = None) -> torch.Tensor:
-        """``alpha * up(act(down(source)))`` of shape ``(B, C_out, *spatial_out)``, in the adapter's dtype.
+        """``alpha * up(act(down(source)))`` of shape ``(B, C_out, *spatial_out)`` (a linear layer: ``(..., C_out)``),
+        in the adapter's dtype.
 
         Computed as ``(alpha * W_up) @ act(down(source)) + alpha * b_up``: the pointwise up-projection and the scale
         are one channel product (:func:`~monai_peft.tuners.pointwise.channel_matmul`), not a ``1x1`` conv followed
@@ -102,6 +103,12 @@ class ConvAdapterLayer(NonWeightBaseLayerMixin, BaseTunerLayer):
         down-projection reads its input in channels-last layout, where oneDNN runs grouped and thin convs 1.5-3x
         faster than on a contiguous tensor (``benchmarks/bench_methods.py``); the result is the same.
         """
+        if self.geometry.features_last:  # a linear layer: (..., C) as (N, C, 1), the adapter's 1-D convs with kernel 1
+            delta = self._conv_branch(adapter_name, source.reshape(-1, source.shape[-1], 1))
+            return delta.reshape(*source.shape[:-1], delta.shape[1])
+        return self._conv_branch(adapter_name, source, output_size)
+
+    def _conv_branch(self, adapter_name: str, source: torch.Tensor, output_size: Any = None) -> torch.Tensor:
         down = self.conv_adapter_down[adapter_name]
         source = self._cast_input_dtype(source, down.weight.dtype)
         if output_size is not None and isinstance(down, CONV_TRANSPOSE_TYPES):

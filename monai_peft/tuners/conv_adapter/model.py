@@ -45,10 +45,10 @@ class ConvAdapterModel(AtomicInjectMixin, ReplaceModuleMixin, StrictLoadMixin, B
             if isinstance(target, ConvAdapterLayer):
                 target.update_layer(adapter_name, peft_config, inference_mode=peft_config.inference_mode)
                 return
-            if isinstance(target, (nn.Linear, nn.Embedding)):
+            if isinstance(target, nn.Embedding):
                 raise TypeError(
-                    f"{type(target).__name__} is not a convolution: ConvAdapter adapts Conv1d/2d/3d, "
-                    "ConvTranspose1d/2d/3d and blocks containing them"
+                    "Embedding is not a convolution: ConvAdapter adapts Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear "
+                    "and blocks containing convs"
                 )
             new_module = ConvAdapterModule(target, adapter_name, peft_config)
         except (TypeError, ValueError) as e:

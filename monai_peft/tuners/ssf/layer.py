@@ -53,6 +53,17 @@ class _MergeRecord:
     weight_rows: Optional[torch.Tensor]  # their weights before the merge, as ``_channel_first(weight)[channels]``
 
 
+def _owns_parameters(module: nn.Module) -> bool:
+    """Whether ``module.weight`` / ``module.bias`` are its own ``nn.Parameter`` s (or absent).
+
+    FSDP with ``use_orig_params=True`` replaces them with plain tensor views during forward, and ``functional_call``
+    then runs the module with those views instead of the tensors it was given: folding SSF into the norm would be
+    silently dropped, so SSF is applied after the norm instead.
+    """
+    return all(module._parameters.get(name) is None or isinstance(module._parameters[name], nn.Parameter)
+               for name in ("weight", "bias"))
+
+
 class SSFLayer(NonWeightBaseLayerMixin, BaseTunerLayer):
     """Per adapter name: ``ssf_scale`` (C,) and/or ``ssf_shift`` (C,).
 
@@ -135,8 +146,8 @@ class SSFLayer(NonWeightBaseLayerMixin, BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold adapters into the layer: ``W' = s * W``, ``b' = s * (b - T) + T + t`` (``T``: shifts merged before).
 
-        The new tensors are computed apart from the layer (in float32) and written only when complete; with
-        ``safe_merge=True`` they are first checked to be finite. A layer without bias gains one (a norm without affine
+        The new tensors are computed apart from the layer (in float32, float64 for a float64 layer) and written only
+        when complete; with ``safe_merge=True`` they are first checked to be finite. A layer without bias gains one (a norm without affine
         parameters gains weight and bias); a warning says so.
 
         Raises:
@@ -149,17 +160,18 @@ class SSFLayer(NonWeightBaseLayerMixin, BaseTunerLayer):
                 continue
             weight, bias = getattr(base, "weight", None), getattr(base, "bias", None)
             ref = next(p for p in (weight, bias, *self.ssf_scale.values(), *self.ssf_shift.values()) if p is not None)
-            scale, shift = self._scale_shift([name], ref.device, torch.float32)
-            ones = torch.ones(self.channels, device=ref.device)
+            dtype = (weight if weight is not None else ref).dtype
+            work = torch.promote_types(dtype, torch.float32)  # float64 layers merge in float64
+            scale, shift = self._scale_shift([name], ref.device, work)
+            ones = torch.ones(self.channels, device=ref.device, dtype=work)
             scale = ones if scale is None else scale
             shift = torch.zeros_like(ones) if shift is None else shift
-            merged_shift = self._scale_shift(self.merged_adapters, ref.device, torch.float32)[1]
+            merged_shift = self._scale_shift(self.merged_adapters, ref.device, work)[1]
             merged_shift = torch.zeros_like(ones) if merged_shift is None else merged_shift
-            dtype = (weight if weight is not None else ref).dtype
 
-            old_w = self._channel_first(weight.detach().float()) if weight is not None else ones
+            old_w = self._channel_first(weight.detach().to(work)) if weight is not None else ones
             new_w = old_w * scale.view(-1, *([1] * (old_w.dim() - 1)))
-            old_b = bias.detach().float() if bias is not None else torch.zeros_like(ones)
+            old_b = bias.detach().to(work) if bias is not None else torch.zeros_like(ones)
             new_b = scale * (old_b - merged_shift) + merged_shift + shift
             if safe_merge and not (torch.isfinite(new_w).all() and torch.isfinite(new_b).all()):
                 raise ValueError(
@@ -168,7 +180,7 @@ class SSFLayer(NonWeightBaseLayerMixin, BaseTunerLayer):
                 )
             # channels whose pre-merge weights dividing by the scale cannot give back (scale 0, underflow, ...)
             new_w_cast = new_w.to(dtype)
-            back = (new_w_cast.float() / scale.view(-1, *([1] * (old_w.dim() - 1)))).to(dtype).float()
+            back = (new_w_cast.to(work) / scale.view(-1, *([1] * (old_w.dim() - 1)))).to(dtype).to(work)
             tol = 8 * torch.finfo(dtype).eps
             bad = ~torch.isclose(back, old_w, rtol=tol, atol=0.0).reshape(self.channels, -1).all(dim=1)
             channels = bad.nonzero().flatten()
@@ -216,8 +228,9 @@ class SSFLayer(NonWeightBaseLayerMixin, BaseTunerLayer):
                         setattr(base, flag, False)
             else:
                 w = base.weight
-                scale, _ = self._scale_shift([name], w.device, torch.float32)
-                rows = self._channel_first(w.detach().float())
+                work = torch.promote_types(w.dtype, torch.float32)
+                scale, _ = self._scale_shift([name], w.device, work)
+                rows = self._channel_first(w.detach().to(work))
                 if scale is not None:
                     safe = scale.clone()
                     safe[record.channels] = 1.0  # these rows are restored from the record below
@@ -268,7 +281,7 @@ class SSFModule(nn.Module, SSFLayer):
         if self.merged or not names:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
-        if not args and not kwargs and isinstance(base, NORM_TYPES) and self._can_fold(x, base):
+        if not args and not kwargs and isinstance(base, NORM_TYPES) and self._can_fold(x, base) and _owns_parameters(base):
             return self._norm_with_folded_ssf(x, base, names)
         result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype
