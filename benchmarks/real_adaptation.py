@@ -522,14 +522,15 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 5.6), dpi=110)
     colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for method in result["settings"]["methods"]:
         for i, options in enumerate(result["settings"]["variants"][method]):
             pts = sorted((g for g in result["grid"] if g["method"] == method and g["options"] == options),
                          key=lambda g: g["lr"])
-            lrs, style = [g["lr"] for g in pts], ("-", ":")[i % 2]
-            ax.plot(lrs, [g["val_dice"] for g in pts], "o" + style, color=colours[method],
+            lrs = [g["lr"] for g in pts]
+            marker, style = ("o", "s", "^", "D")[i % 4], ("-", ":", "-.", (0, (5, 1)))[i % 4]
+            ax.plot(lrs, [g["val_dice"] for g in pts], marker=marker, linestyle=style, color=colours[method],
                     label=f"{method}{_label(options)} (val)")
             ax.plot(lrs, [g["test_dice"] for g in pts], "x--", color=colours[method], alpha=0.6)
         best = choose([g for g in result["grid"] if g["method"] == method], "val")
@@ -540,7 +541,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.set_title("learning-rate grids")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     rows = [r for r in result["rows"] if r["method"] in METHODS]
     names = [r["method"] for r in rows]
     bars = bx.bar(names, [r["heldout_dice"] for r in rows], color=[colours[n] for n in names])
