@@ -44,7 +44,8 @@ LINEAR_MODELS: tuple[tuple[str, tuple[str, ...], dict], ...] = (
     ("MLP_LayerNorm", ("lin0",), {"modules_to_save": ["lin1"]}),
 )
 NORM_MODELS: tuple[tuple[str, tuple[str, ...], dict], ...] = (  # SSF only: ConvAdapter follows no norm layer
-    ("MLP_LayerNorm", ("layernorm0", "lin0"), {}), ("MLP_LayerNorm", ("layernorm0", "lin0"), {"modules_to_save": ["lin1"]}),
+    ("MLP_LayerNorm", ("layernorm0", "lin0"), {}),
+    ("MLP_LayerNorm", ("layernorm0", "lin0"), {"modules_to_save": ["lin1"]}),
 )
 # config options per method; peft's tests set init_weights=False themselves where they need a non-identity start
 VARIANTS: dict[str, tuple[dict, ...]] = {
@@ -58,18 +59,25 @@ for _cls_name, _variants, _models in {cases!r}:
     _cls = {{"ConvAdapterConfig": ConvAdapterConfig, "SSFConfig": SSFConfig}}[_cls_name]
     for _extra in _variants:
         for _model, _targets, _more in _models:
-            _name = f"{{_cls_name}}{{''.join(f' {{k}}={{v}}' for k, v in _extra.items())}} {{_model}} {{list(_targets)}} {{_more or ''}}"
+            _options = "".join(f" {{k}}={{v}}" for k, v in _extra.items())
+            _name = f"{{_cls_name}}{{_options}} {{_model}} {{list(_targets)}} {{_more or ''}}"
             TEST_CASES.append((_name.strip(), _model, _cls, {{"target_modules": list(_targets), **_extra, **_more}}))
 '''
 _MERGE_SKIP = ("    if config_cls.__name__ == 'ConvAdapterConfig':\n"
                "        pytest.skip('ConvAdapter adds a non-linear branch and cannot be merged.')\n")
 
 
+def _fail(message: str) -> None:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def peft_source(work: Path, given: Path | None) -> Path:
     """The root of peft's source tree for the installed version (with ``tests/``)."""
     if given is not None:
         if not (given / "tests" / "test_custom_models.py").is_file():
-            raise SystemExit(f"error: --peft-src {given} has no tests/test_custom_models.py; expected peft's source tree")
+            _fail(f"--peft-src {given} has no tests/test_custom_models.py; expected peft's source tree")
         return given
     archive_dir = work / "sdist"
     archive_dir.mkdir(parents=True, exist_ok=True)
@@ -92,8 +100,9 @@ def prepare(src: Path, work: Path) -> Path:
     battery = (root / "tests" / "test_custom_models.py").read_text()
     marker = "ALL_PEFT_CONFIG_CLASSES = sorted("
     if marker not in battery:
-        raise SystemExit(f"error: peft {peft.__version__}'s test_custom_models.py has no '{marker}'; update this script")
-    (root / "tests" / "test_custom_models.py").write_text(battery.replace(marker, _CASES.format(cases=cases) + marker, 1))
+        _fail(f"peft {peft.__version__}'s tests/test_custom_models.py has no '{marker}'; update this script")
+    battery = battery.replace(marker, _CASES.format(cases=cases) + marker, 1)
+    (root / "tests" / "test_custom_models.py").write_text(battery)
     common_path = root / "tests" / "testing_common.py"
     common = common_path.read_text()
     hook = "def _skip_if_merging_not_supported(model_id, config_cls, config_kwargs):\n"

@@ -147,8 +147,8 @@ class SSFLayer(NonWeightBaseLayerMixin, BaseTunerLayer):
         """Fold adapters into the layer: ``W' = s * W``, ``b' = s * (b - T) + T + t`` (``T``: shifts merged before).
 
         The new tensors are computed apart from the layer (in float32, float64 for a float64 layer) and written only
-        when complete; with ``safe_merge=True`` they are first checked to be finite. A layer without bias gains one (a norm without affine
-        parameters gains weight and bias); a warning says so.
+        when complete; with ``safe_merge=True`` they are first checked to be finite. A layer without bias gains one
+        (a norm without affine parameters gains weight and bias); a warning says so.
 
         Raises:
             ValueError: ``safe_merge`` and the merged weights would hold NaN or inf (nothing is changed).
@@ -281,7 +281,8 @@ class SSFModule(nn.Module, SSFLayer):
         if self.merged or not names:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
-        if not args and not kwargs and isinstance(base, NORM_TYPES) and self._can_fold(x, base) and _owns_parameters(base):
+        foldable = isinstance(base, NORM_TYPES) and self._can_fold(x, base) and _owns_parameters(base)
+        if not args and not kwargs and foldable:
             return self._norm_with_folded_ssf(x, base, names)
         result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype
