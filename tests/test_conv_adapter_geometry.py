@@ -15,21 +15,13 @@ from torch import nn
 from monai_peft import ConvAdapterConfig
 from monai_peft.tuners.conv_adapter.geometry import bottleneck_width, down_projection_groups
 from monai_peft.tuners.conv_adapter.layer import ConvAdapterLayer
+from single_layer import Wrap
 
 CHANNELS = (1, 2, 3, 4, 5, 6, 7, 16)
 PADDINGS = ("zero", "half", "same", "valid")
 PADDING_MODES = ("zeros", "reflect", "circular", "replicate")
 CONV = {False: {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}, True: {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d,
                                                                3: nn.ConvTranspose3d}}
-
-
-class Wrap(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def _grid():

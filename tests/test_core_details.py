@@ -15,6 +15,7 @@ from torch import nn
 import monai_peft
 from monai_peft import ConvAdapterConfig, ModuleType, NameRegex, Region, SSFConfig, resolve_targets
 from conftest import TwoConvBlock, make
+from single_layer import Wrap
 
 # ---------------------------------------------------------------------------------------------------------- geometry
 CONVS = {
@@ -28,15 +29,6 @@ CONVS = {
     "3d-k1": lambda: nn.Conv3d(8, 4, 1),
 }
 SHAPES = {"1d": (2, 8, 17), "2d": (2, 8, 12, 10), "3d": (2, 8, 9, 8, 7)}
-
-
-class Wrap(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 @pytest.mark.parametrize("geom", list(CONVS))

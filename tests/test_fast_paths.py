@@ -22,17 +22,9 @@ from monai_peft.networks.unet3d import ContBatchNorm3d
 from monai_peft.tuners.conv_adapter import ConvAdapterConfig
 from monai_peft.tuners.ssf import SSFConfig
 from monai_peft.tuners.frozen_norm import keep_frozen_batchnorm_statistics
+from single_layer import Wrap
 
 CL3 = torch.channels_last_3d
-
-
-class Wrap(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 def _run(model: nn.Module, x: torch.Tensor, probe: torch.Tensor | None = None):

@@ -13,6 +13,7 @@ from torch import nn
 import monai_peft
 from monai_peft import ModuleType
 from monai_peft.lora import FusedConvLoraMixin, use_fused_conv_lora
+from single_layer import Wrap
 
 GEOMETRIES = {
     "1d-k3-s2": (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1), (2, 4, 11)),
@@ -22,15 +23,6 @@ GEOMETRIES = {
     "3d-k1": (lambda: nn.Conv3d(4, 6, 1), (1, 4, 6, 5, 4)),
     "3d-k113-s2-nobias": (lambda: nn.Conv3d(4, 6, (1, 1, 3), stride=2, bias=False), (1, 4, 6, 5, 7)),
 }
-
-
-class Wrap(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 def _pair(make_conv, dtype=torch.float64, r=3, **config_kwargs):

@@ -12,20 +12,12 @@ from torch import nn
 
 import monai_peft
 from monai_peft import ModuleType
+from single_layer import Wrap
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 INPUT = {1: (2, 3, 11), 2: (2, 3, 9, 8), 3: (1, 3, 7, 6, 5)}
 KERNELS = {1: [1, 3], 2: [1, 3, (1, 3), (3, 1)], 3: [1, 3, (1, 1, 3), (3, 1, 1)]}
 GRID = [(dims, k) for dims in (1, 2, 3) for k in KERNELS[dims]]
-
-
-class Wrap(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 def _lora(conv: nn.Module, r: int = 2, **kwargs) -> nn.Module:

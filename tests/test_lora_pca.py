@@ -11,15 +11,7 @@ from torch import nn
 
 import monai_peft
 from monai_peft.lora import init_lora_pca_
-
-
-class Wrap(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
+from single_layer import Wrap
 
 
 def _projector(rows: torch.Tensor) -> torch.Tensor:
